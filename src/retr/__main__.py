@@ -1,0 +1,3 @@
+from retr.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""The contract every sequential model follows, so training, evaluation and serving share one path.
+
+Inputs are left-padded item-id sequences ``seqs`` of shape [B, N] (0 = padding, real items
+1..n_items, the most recent item at position N-1). A model turns them into per-position hidden
+states [B, N, d]; the score of item k for a hidden state h is ``h · e_k`` where ``e_k`` is the
+model's output item representation (shared with the input, as in SASRec and RETR).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelOutput:
+    """What ``forward`` returns.
+
+    hidden: [B, N, d] final hidden states.
+    attentions: per layer [B, h, N, N] attention weights, only when asked.
+    routes: per layer [B, N] binary route R^l (RETR and pathway attention), only when asked.
+    keep_probs: per layer [B, N] keep probability alpha_t, only when asked.
+    """
+
+    hidden: torch.Tensor
+    attentions: list[torch.Tensor] | None = None
+    routes: list[torch.Tensor] | None = None
+    keep_probs: list[torch.Tensor] | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SequentialRecommender(nn.Module, ABC):
+    """Base class. Subclasses set ``name``, ``objective`` and implement ``forward``.
+
+    objective: "next" (causal next-item prediction on the shifted sequence: SASRec, RETR,
+    GRU4Rec) or "cloze" (masked-item prediction: BERT4Rec).
+    """
+
+    name: ClassVar[str] = "base"
+    objective: ClassVar[str] = "next"
+    causal: ClassVar[bool] = True
+
+    n_items: int
+    max_len: int
+
+    @abstractmethod
+    def forward(self, seqs: torch.Tensor, output_attentions: bool = False) -> ModelOutput:
+        """Hidden states for left-padded ``seqs`` [B, N]; attentions/routes only when asked."""
+
+    @abstractmethod
+    def item_representation(self, items: torch.Tensor) -> torch.Tensor:
+        """[..., d] output representations of item ids ``items`` (any shape)."""
+
+    def user_representation(self, seqs: torch.Tensor) -> torch.Tensor:
+        """[B, d] the state that scores the next item after each sequence (last position)."""
+        return self.forward(seqs).hidden[:, -1]
+
+    def score_items(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores [B, C] of the same candidate ids ``items`` [C] for every row of ``h`` [B, d]."""
+        return h @ self.item_representation(items).T
+
+    def score_candidates(self, h: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Scores [B, C] of per-row candidates ``candidates`` [B, C] for ``h`` [B, d]."""
+        return (self.item_representation(candidates) * h.unsqueeze(1)).sum(-1)
