@@ -1,0 +1,300 @@
+"""The ``retr`` command line: thin commands over the library API.
+
+Every user mistake surfaces as one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from retr.errors import ConfigError, RetrError
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", dest="fmt", help="reader format (auto-detected when unambiguous)")
+    p.add_argument("--user-col", help="column holding user ids")
+    p.add_argument("--item-col", help="column holding item ids")
+    p.add_argument("--time-col", help="column holding timestamps")
+    p.add_argument("--rating-col", help="column holding ratings")
+
+
+def _data_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for flag, key in (("fmt", "format"), ("user_col", "user_col"), ("item_col", "item_col"),
+                      ("time_col", "time_col"), ("rating_col", "rating_col")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"data.{key}={json.dumps(value)}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retr", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    data = sub.add_parser("data", help="inspect, list, download and generate datasets")
+    dsub = data.add_subparsers(dest="data_command")
+    d = dsub.add_parser("describe", help="statistics of a dataset after preprocessing")
+    d.add_argument("source", help="registry name, synthetic[:k=v,...] or a file path")
+    _data_args(d)
+    d.add_argument("--min-user", type=int, help="k-core threshold for users (default 5; 0 = off)")
+    d.add_argument("--min-item", type=int, help="k-core threshold for items (default 5; 0 = off)")
+    d.add_argument("--no-filter", action="store_true", help="no k-core filtering at all")
+    d.add_argument("--rating-threshold", type=float, help="keep interactions with rating >= this")
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    dsub.add_parser("list", help="datasets known to the registry")
+    dl = dsub.add_parser("download", help="download a registry dataset into the data directory")
+    dl.add_argument("name")
+    dl.add_argument("--allow-unverified", action="store_true",
+                    help="accept a download with no recorded checksum")
+    sy = dsub.add_parser("synthetic", help="write a synthetic log with planted pathways")
+    sy.add_argument("out", help="output directory")
+    sy.add_argument("--spec", default="synthetic",
+                    help="generator settings, e.g. synthetic:n_users=5000,seed=1")
+
+    t = sub.add_parser("train", help="train a model and evaluate it")
+    t.add_argument("--data", help="registry name, synthetic[:k=v,...] or a file path")
+    t.add_argument("--model", help="model name (retr, sasrec, bert4rec, gru4rec, pop)")
+    t.add_argument("--out", help="run directory to create")
+    t.add_argument("--config", help="TOML config file (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.001 (repeatable)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    t.add_argument("--json", action="store_true", help="print the final results as JSON")
+    _data_args(t)
+
+    e = sub.add_parser("evaluate", help="evaluate a run's selected weights")
+    e.add_argument("run_dir")
+    e.add_argument("--protocol", choices=["full", "sampled"], action="append",
+                   help="protocol(s) to run (default: the run's eval.protocols)")
+    e.add_argument("--split", choices=["valid", "test"], default="test")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--keep-history", action="store_true",
+                   help="full ranking keeps the user's past items as candidates")
+
+    c = sub.add_parser("compare", help="train several models on one split and print one table")
+    c.add_argument("--data", default="synthetic")
+    c.add_argument("--models", default="pop,sasrec,retr", help="comma-separated model names")
+    c.add_argument("--out", default="runs/compare")
+    c.add_argument("--config", help="TOML config applied to every model")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--seed", type=int)
+    c.add_argument("--json", action="store_true")
+    _data_args(c)
+
+    cfg = sub.add_parser("config", help="show the resolved configuration")
+    csub = cfg.add_subparsers(dest="config_command")
+    cs = csub.add_parser("show", help="print the resolved config as TOML-like JSON")
+    cs.add_argument("--config")
+    cs.add_argument("--model")
+    cs.add_argument("--data")
+    cs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _resolve(args: argparse.Namespace, model: str | None = None) -> Any:
+    from retr.config import resolve_config
+
+    overrides = list(getattr(args, "set", []) or [])
+    base: dict[str, Any] = {}
+    if getattr(args, "data", None):
+        base.setdefault("data", {})["source"] = args.data
+    name = model or getattr(args, "model", None)
+    if name:
+        base.setdefault("model", {})["name"] = name
+    if getattr(args, "seed", None) is not None:
+        base["seed"] = args.seed
+    pre = [o for o in _data_overrides(args)]
+    cfg_file = getattr(args, "config", None)
+    if cfg_file:
+        # the config file is the base; command-line flags override it
+        from retr.config import _merge, load_toml
+
+        raw = _merge(load_toml(cfg_file), base)
+        return resolve_config(None, pre + overrides, base=raw)
+    return resolve_config(None, pre + overrides, base=base)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from retr.data import registry
+
+    if args.data_command == "list":
+        for e in registry.list_datasets():
+            print(f"{e.name:22s} {e.description}")
+        print(f"{'synthetic':22s} generated log with planted behavior pathways (embedded default)")
+        print(f"\ndata directory: {registry.data_dir()} (set RETR_DATA_DIR to change)")
+        return 0
+    if args.data_command == "download":
+        path = registry.download_dataset(args.name, allow_unverified=args.allow_unverified)
+        print(f"downloaded {args.name} to {path}")
+        return 0
+    if args.data_command == "synthetic":
+        from retr.data import synthetic
+
+        log = synthetic.generate(synthetic.parse_synthetic_spec(args.spec))
+        log.save(args.out)
+        print(f"wrote {len(log.log)} interactions of {log.log['user'].nunique()} users to {args.out}")
+        return 0
+    if args.data_command == "describe":
+        from retr.data.load import load_dataset
+
+        sets = [f"data.source={json.dumps(args.source)}"] + _data_overrides(args)
+        if args.no_filter:
+            sets += ["data.min_user_interactions=0", "data.min_item_interactions=0"]
+        if args.min_user is not None:
+            sets.append(f"data.min_user_interactions={args.min_user}")
+        if args.min_item is not None:
+            sets.append(f"data.min_item_interactions={args.min_item}")
+        if args.rating_threshold is not None:
+            sets.append(f"data.rating_threshold={args.rating_threshold}")
+        from retr.config import resolve_config
+
+        cfg = resolve_config(None, sets, base={"model": {"name": "pop"}})
+        stats = load_dataset(cfg.data).describe()
+        stats["preprocessing"] = {k: getattr(cfg.data, k) for k in (
+            "min_user_interactions", "min_item_interactions", "rating_threshold")}
+        if args.json:
+            print(json.dumps(stats, indent=2))
+        else:
+            print(format_describe(stats))
+        return 0
+    raise ConfigError("retr data: choose one of describe, list, download, synthetic")
+
+
+def format_describe(s: dict[str, Any]) -> str:
+    p = s["length_percentiles"]
+    lines = [
+        f"dataset        {s['name']}",
+        f"users          {s['users']:,}",
+        f"items          {s['items']:,}",
+        f"interactions   {s['interactions']:,}",
+        f"density        {s['density']:.6f}",
+        f"length         avg {s['avg_length']:.2f}  min {s['min_length']}  max {s['max_length']}",
+        "percentiles    " + "  ".join(f"{k} {v:g}" for k, v in p.items()),
+        f"timestamps     {'yes' if s['has_timestamps'] else 'no (order only)'}",
+        f"preprocessing  {s['preprocessing']}",
+        f"fingerprint    {s['fingerprint']}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from retr.data.load import load_dataset
+    from retr.evaluation.report import results_table, run_results_rows
+    from retr.runs import load_config
+    from retr.training.trainer import train
+
+    if args.resume:
+        cfg = load_config(args.resume)
+        run_dir = Path(args.resume)
+        resume = True
+    else:
+        if not args.out:
+            raise ConfigError("retr train: --out RUN_DIR is required (or --resume RUN_DIR)")
+        run_dir = Path(args.out)
+        if (run_dir / "config.json").exists():
+            raise ConfigError(f"{run_dir}: already holds a run; pick a new --out, or continue it "
+                              f"with --resume {run_dir}")
+        cfg = _resolve(args)
+        resume = False
+    dataset = load_dataset(cfg.data)
+    results = train(cfg, dataset, run_dir, resume=resume, log=_log)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(results_table(run_results_rows(results)))
+        print(f"\nrun directory: {run_dir}")
+    return 0
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from retr.evaluation.protocol import evaluate
+    from retr.evaluation.report import results_table
+    from retr.runs import load_run
+
+    run = load_run(args.run_dir)
+    cfg = run.config
+    if args.keep_history:
+        cfg.eval.exclude_history = False
+    rows = []
+    for protocol in args.protocol or cfg.eval.protocols:
+        res = evaluate(run.model, run.data.dataset, run.data.split.examples(args.split), protocol,
+                       cfg.eval, run.data.negatives[args.split], progress=cfg.train.progress)
+        rows.append((cfg.model_name, {"split": args.split, **res}))
+    if args.json:
+        out = {"model": cfg.model_name, "dataset": run.data.dataset.name, "seed": cfg.seed,
+               "split_kind": cfg.split.kind, "data_fingerprint": run.data.dataset.fingerprint(),
+               "results": [r for _, r in rows]}
+        print(json.dumps(out, indent=2))
+    else:
+        print(results_table(rows))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from retr.data.load import load_dataset
+    from retr.evaluation.report import results_table, run_results_rows
+    from retr.training.trainer import train
+
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not names:
+        raise ConfigError("--models needs at least one model name")
+    configs = [_resolve(args, model=name) for name in names]
+    dataset = load_dataset(configs[0].data)
+    out = Path(args.out)
+    rows, all_results = [], []
+    for name, cfg in zip(names, configs, strict=True):
+        run_dir = out / name
+        if (run_dir / "config.json").exists():
+            raise ConfigError(f"{run_dir}: already holds a run; choose another --out")
+        _log(f"== {name} ==")
+        res = train(cfg, dataset, run_dir, log=_log)
+        rows += [r for r in run_results_rows(res) if r[1]["split"] == "test"]
+        all_results.append(res)
+    if args.json:
+        print(json.dumps(all_results, indent=2))
+    else:
+        print(results_table(rows))
+        print(f"\nrun directories under {out}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.config_command != "show":
+        raise ConfigError("retr config: use 'retr config show'")
+    cfg = _resolve(args)
+    print(cfg.to_json(), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from retr import __version__
+
+        print(f"retr {__version__}")
+        return 0
+    commands = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate,
+                "compare": cmd_compare, "config": cmd_config}
+    if args.command not in commands:
+        parser.print_help()
+        return 2
+    try:
+        return commands[args.command](args)
+    except RetrError as exc:
+        print(f"retr: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("retr: interrupted", file=sys.stderr)
+        return 130

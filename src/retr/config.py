@@ -1,0 +1,284 @@
+"""Typed run configuration: TOML files + ``--set section.key=value`` overrides.
+
+One :class:`RunConfig` drives both the CLI and the Python API and is saved resolved as
+``config.json`` in every run directory. Unknown keys and wrong types are rejected with the key
+path named, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from retr.errors import ConfigError
+from retr.evaluation.protocol import EvalConfig
+
+CONFIG_FORMAT_VERSION = 1
+
+
+@dataclass
+class DataConfig:
+    """Where the interactions come from and how they are preprocessed.
+
+    source: a registry name (``retr data list``), ``synthetic[:key=value,...]`` or a file path.
+    format / *_col: reader format and column mapping for files (auto-detected when unset).
+    min_user_interactions / min_item_interactions: iterative k-core (paper: 5 / 5; 0 = off).
+    rating_threshold: keep interactions with rating >= it. dedupe_consecutive: drop immediate
+    repeats of the same item.
+    """
+
+    source: str = "synthetic"
+    format: str | None = None
+    user_col: str | None = None
+    item_col: str | None = None
+    time_col: str | None = None
+    rating_col: str | None = None
+    min_user_interactions: int = 5
+    min_item_interactions: int = 5
+    rating_threshold: float | None = None
+    dedupe_consecutive: bool = False
+
+
+@dataclass
+class SplitConfig:
+    """kind: "loo" (paper: leave-one-out), "temporal" (global cut-offs; values in (0, 1) are
+    timestamp quantiles) or "rolling" (held-out users 8:1:1, last ``rolling_steps`` steps)."""
+
+    kind: str = "loo"
+    valid_cutoff: float = 0.8
+    test_cutoff: float = 0.9
+    rolling_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("loo", "temporal", "rolling"):
+            raise ConfigError(f"split.kind must be 'loo', 'temporal' or 'rolling', got {self.kind!r}")
+        if self.rolling_steps < 1:
+            raise ConfigError(f"split.rolling_steps must be >= 1, got {self.rolling_steps}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    loss: "bpr" (paper: one uniform negative per step, redrawn each epoch), "bce" (``negatives``
+    uniform negatives per step), "ce" (full softmax), "sampled_softmax" (``negatives`` shared
+    uniform negatives per batch, logQ-free), "gbce" (gSASRec's generalised BCE, ``gbce_t``).
+    epochs: maximum epochs; patience: early stop after this many validations without
+    improvement of ``valid_metric`` under ``valid_protocol`` (paper: 10).
+    deterministic: torch deterministic algorithms (exact resume on CPU).
+    """
+
+    loss: str = "bpr"
+    epochs: int = 200
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    negatives: int = 1
+    gbce_t: float = 0.75
+    patience: int = 10
+    valid_metric: str = "NDCG@10"
+    valid_protocol: str = "full"
+    eval_every: int = 1
+    grad_clip: float = 0.0
+    deterministic: bool = True
+    threads: int = 0
+    device: str = "cpu"
+    tensorboard: bool = False
+    progress: bool = True
+    max_minutes: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("bpr", "bce", "ce", "sampled_softmax", "gbce"):
+            raise ConfigError("train.loss must be one of bpr, bce, ce, sampled_softmax, gbce; "
+                              f"got {self.loss!r}")
+        for name in ("epochs", "batch_size", "negatives", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.patience < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("train.patience, train.weight_decay and train.grad_clip must be >= 0")
+        if self.valid_protocol not in ("full", "sampled"):
+            raise ConfigError(f"train.valid_protocol must be 'full' or 'sampled', got {self.valid_protocol!r}")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. ``model`` holds the chosen model's own config dataclass."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model_name: str = "retr"
+    model: Any = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = model_config_class(self.model_name)()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": CONFIG_FORMAT_VERSION,
+            "seed": self.seed,
+            "data": dataclasses.asdict(self.data),
+            "split": dataclasses.asdict(self.split),
+            "model": {"name": self.model_name, **dataclasses.asdict(self.model)},
+            "train": dataclasses.asdict(self.train),
+            "eval": dataclasses.asdict(self.eval),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RunConfig:
+        raw = dict(raw)
+        raw.pop("format_version", None)
+        allowed = {"seed", "data", "split", "model", "train", "eval"}
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid top-level keys: "
+                              f"{', '.join(sorted(allowed))}")
+        model_raw = dict(raw.get("model", {}))
+        if not isinstance(model_raw, dict):
+            raise ConfigError(f"{where}: [model] must be a table")
+        name = model_raw.pop("name", "retr")
+        seed = raw.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConfigError(f"{where}: seed must be an integer, got {seed!r}")
+        return cls(
+            seed=seed,
+            data=build_dataclass(DataConfig, raw.get("data", {}), f"{where}: data"),
+            split=build_dataclass(SplitConfig, raw.get("split", {}), f"{where}: split"),
+            model_name=str(name),
+            model=build_dataclass(model_config_class(str(name)), model_raw, f"{where}: model"),
+            train=build_dataclass(TrainConfig, raw.get("train", {}), f"{where}: train"),
+            eval=build_dataclass(EvalConfig, raw.get("eval", {}), f"{where}: eval"),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+def model_config_class(name: str) -> type:
+    from retr.models import config_class
+
+    return config_class(name)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp`` (TOML gives ints for whole floats)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            if type(None) in get_args(tp):
+                return None
+            raise ConfigError(f"{where}: must not be empty")
+        errors = []
+        for a in args:
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (inner,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def build_dataclass(cls: type, raw: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table of settings, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _parse_value(text: str) -> Any:
+    """Parse a ``--set`` value as a TOML value, falling back to a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a raw config mapping (values parsed as TOML)."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.lr=0.001")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+        node[parts[-1]] = _parse_value(value.strip())
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
+def resolve_config(config_file: str | Path | None = None, overrides: list[str] | None = None,
+                   base: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults <- config file <- ``--set`` overrides, validated into a :class:`RunConfig`."""
+    raw: dict[str, Any] = dict(base or {})
+    where = "config"
+    if config_file is not None:
+        raw = _merge(raw, load_toml(config_file))
+        where = str(config_file)
+    raw = apply_overrides(raw, overrides or [])
+    return RunConfig.from_dict(raw, where)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,1 @@
+"""Data: readers, preprocessing, compact sequences, splits, negatives, registry, synthetic data."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics with an honest tie policy, full and sampled ranking, reports."""

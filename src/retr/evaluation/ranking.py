@@ -1,0 +1,178 @@
+"""Full and sampled ranking of evaluation examples, in user batches x item chunks.
+
+Memory is bounded by ``batch_size x item_chunk`` scores whatever the catalogue size: for the
+metrics we only need, per example, how many candidates score above the target and how many tie
+with it (see :mod:`retr.evaluation.metrics`), which chunks accumulate exactly. Top-k lists for
+recommendations use a running top-k over the same chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from retr.data.dataset import SequenceDataset
+from retr.data.splits import EvalExamples
+from retr.errors import RetrError
+from retr.models.base import SequentialRecommender
+
+
+@dataclass
+class RankCounts:
+    """Per example: candidates scored above the target, tied with it, and whether it was rankable."""
+
+    greater: np.ndarray
+    ties: np.ndarray
+    valid: np.ndarray
+    n_candidates: np.ndarray
+
+
+def _batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def history_pairs(dataset: SequenceDataset, users: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, item) of every item in each example's full prefix (not only the model window)."""
+    total = int(lengths.sum())
+    rows = np.repeat(np.arange(len(users)), lengths)
+    within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    items = dataset.items[np.repeat(dataset.offsets[users], lengths) + within]
+    return rows, items
+
+
+def _check_finite(scores: torch.Tensor) -> None:
+    if not torch.isfinite(scores).all():
+        raise RetrError("the model produced NaN or infinite scores; the checkpoint is broken or "
+                        "training diverged (try a lower learning rate)")
+
+
+@torch.no_grad()
+def user_states(model: SequentialRecommender, dataset: SequenceDataset, users: np.ndarray,
+                lengths: np.ndarray) -> torch.Tensor:
+    """[B, d] next-item states for each (user, prefix length), using the last max_len items."""
+    device = next(iter(model.buffers()), next(iter(model.parameters()), torch.empty(0))).device
+    seqs = torch.from_numpy(dataset.padded_prefixes(users, lengths, model.max_len)).to(device)
+    return model.user_representation(seqs)
+
+
+@torch.no_grad()
+def full_rank_counts(model: SequentialRecommender, dataset: SequenceDataset, examples: EvalExamples,
+                     exclude_history: bool = True, batch_size: int = 256, item_chunk: int = 65536,
+                     progress: bool = False) -> RankCounts:
+    """Rank each target against every item (padding excluded; history excluded by default)."""
+    model.eval()
+    m, n_items = len(examples), dataset.n_items
+    greater = np.zeros(m, dtype=np.int64)
+    ties = np.zeros(m, dtype=np.int64)
+    valid = np.ones(m, dtype=bool)
+    n_cand = np.zeros(m, dtype=np.int64)
+    it = _batches(m, batch_size)
+    bar = tqdm(it, total=(m + batch_size - 1) // batch_size, desc="full ranking", unit="batch",
+               disable=not progress, leave=False)
+    for sl in bar:
+        users, lengths, targets = examples.users[sl], examples.lengths[sl], examples.targets[sl]
+        b = len(users)
+        h = user_states(model, dataset, users, lengths)
+        device = h.device
+        tgt = torch.from_numpy(targets).to(device)
+        t_score = model.score_candidates(h, tgt[:, None])  # [B, 1]
+        _check_finite(t_score)
+        g = torch.zeros(b, dtype=torch.int64, device=device)
+        e = torch.zeros(b, dtype=torch.int64, device=device)
+        excluded = np.zeros(b, dtype=np.int64)
+        if exclude_history:
+            rows, items = history_pairs(dataset, users, lengths)
+            key = np.unique(rows * np.int64(n_items + 1) + items)
+            rows, items = key // (n_items + 1), key % (n_items + 1)
+            valid[sl] = ~np.isin(np.arange(b) * np.int64(n_items + 1) + targets, key)
+            excluded = np.bincount(rows, minlength=b)
+            rows_t, items_t = torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device)
+        for c0 in range(1, n_items + 1, item_chunk):
+            c1 = min(c0 + item_chunk, n_items + 1)
+            ids = torch.arange(c0, c1, device=device)
+            s = model.score_items(h, ids)  # [B, C]
+            _check_finite(s)
+            # The target itself never counts against itself.
+            own = (tgt >= c0) & (tgt < c1)
+            s[own.nonzero().squeeze(1), (tgt[own] - c0)] = torch.nan
+            if exclude_history:
+                sel = (items_t >= c0) & (items_t < c1)
+                s[rows_t[sel], items_t[sel] - c0] = torch.nan  # NaN compares False: not counted
+            g += (s > t_score).sum(1)
+            e += (s == t_score).sum(1)
+        greater[sl] = g.cpu().numpy()
+        ties[sl] = e.cpu().numpy()
+        # Candidates: all items minus the excluded history (the target among them when valid).
+        n_cand[sl] = n_items - excluded
+    return RankCounts(greater, ties, valid, n_cand)
+
+
+@torch.no_grad()
+def sampled_rank_counts(model: SequentialRecommender, dataset: SequenceDataset, examples: EvalExamples,
+                        negatives: np.ndarray, batch_size: int = 1024,
+                        progress: bool = False) -> RankCounts:
+    """Rank each target against its stored sampled negatives (the paper's protocol)."""
+    model.eval()
+    m = len(examples)
+    if negatives.shape[0] != m:
+        raise RetrError(f"stored negatives cover {negatives.shape[0]} examples, the split has {m}; "
+                        "the split or negatives file does not belong to this run")
+    greater = np.zeros(m, dtype=np.int64)
+    ties = np.zeros(m, dtype=np.int64)
+    bar = tqdm(_batches(m, batch_size), total=(m + batch_size - 1) // batch_size,
+               desc="sampled ranking", unit="batch", disable=not progress, leave=False)
+    for sl in bar:
+        h = user_states(model, dataset, examples.users[sl], examples.lengths[sl])
+        cand = np.concatenate([examples.targets[sl, None], negatives[sl]], axis=1)
+        s = model.score_candidates(h, torch.from_numpy(cand).to(h.device))  # [B, 1 + n]
+        _check_finite(s)
+        greater[sl] = (s[:, 1:] > s[:, :1]).sum(1).cpu().numpy()
+        ties[sl] = (s[:, 1:] == s[:, :1]).sum(1).cpu().numpy()
+    n_cand = np.full(m, negatives.shape[1] + 1, dtype=np.int64)
+    return RankCounts(greater, ties, np.ones(m, dtype=bool), n_cand)
+
+
+@torch.no_grad()
+def topk_items(model: SequentialRecommender, h: torch.Tensor, k: int, n_items: int,
+               exclude_rows: np.ndarray | None = None, exclude_items: np.ndarray | None = None,
+               candidates: torch.Tensor | None = None,
+               item_chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-k over item chunks: ([B, k] internal ids, [B, k] scores), best first.
+
+    Excluded (row, item) pairs and padding score -inf and are never returned unless fewer than
+    k items remain (then the list is padded with id 0 and score -inf). Ties order by lower id.
+    ``candidates`` [C] restricts ranking to those items.
+    """
+    b = h.shape[0]
+    device = h.device
+    best_s = torch.full((b, 0), -torch.inf, device=device)
+    best_i = torch.zeros((b, 0), dtype=torch.int64, device=device)
+    pool = candidates if candidates is not None else torch.arange(1, n_items + 1, device=device)
+    ex_r = torch.from_numpy(exclude_rows).to(device) if exclude_rows is not None else None
+    ex_i = torch.from_numpy(exclude_items).to(device) if exclude_items is not None else None
+    for c0 in range(0, len(pool), item_chunk):
+        ids = pool[c0:c0 + item_chunk]
+        s = model.score_items(h, ids)
+        _check_finite(s)
+        if ex_r is not None and ex_i is not None:
+            lookup = torch.full((n_items + 1,), -1, dtype=torch.int64, device=device)
+            lookup[ids] = torch.arange(len(ids), device=device)
+            col = lookup[ex_i]
+            sel = col >= 0
+            s[ex_r[sel], col[sel]] = -torch.inf
+        all_s = torch.cat([best_s, s], dim=1)
+        all_i = torch.cat([best_i, ids.expand(b, -1)], dim=1)
+        order = torch.sort(all_s, dim=1, descending=True, stable=True).indices[:, :k]
+        best_s = all_s.gather(1, order)
+        best_i = all_i.gather(1, order)
+    best_i = torch.where(torch.isinf(best_s), torch.zeros_like(best_i), best_i)
+    if best_s.shape[1] < k:
+        pad = k - best_s.shape[1]
+        best_s = torch.cat([best_s, torch.full((b, pad), -torch.inf, device=device)], 1)
+        best_i = torch.cat([best_i, torch.zeros((b, pad), dtype=torch.int64, device=device)], 1)
+    return best_i, best_s

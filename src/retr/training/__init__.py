@@ -1,0 +1,1 @@
+"""Training: losses, the explicit loop, checkpoints and resume."""

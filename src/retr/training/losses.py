@@ -1,0 +1,92 @@
+"""Next-item losses, written out where you can see them.
+
+Every loss takes the hidden states ``h`` [P, d] of the P positions that have a target, the
+targets [P] (internal ids 1..n_items), the model (for item representations) and a
+``torch.Generator`` for negatives, and returns the mean loss over positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from retr.models.base import SequentialRecommender
+
+LOSSES = ("bpr", "bce", "ce", "sampled_softmax", "gbce")
+
+
+def uniform_negatives(targets: torch.Tensor, n: int, n_items: int, gen: torch.Generator) -> torch.Tensor:
+    """[P, n] items drawn uniformly from 1..n_items excluding each row's own target."""
+    neg = torch.randint(1, n_items, (targets.shape[0], n), generator=gen, device=targets.device)
+    return neg + (neg >= targets[:, None]).long()  # shift past the target: uniform over the rest
+
+
+def bpr_loss(model: SequentialRecommender, h: torch.Tensor, targets: torch.Tensor,
+             gen: torch.Generator, negatives: int = 1) -> torch.Tensor:
+    """The paper's pairwise loss: -log σ(s(i_{t+1}) - s(i^-)), one uniform negative per step."""
+    neg = uniform_negatives(targets, negatives, model.n_items, gen)  # [P, n]
+    pos_s = model.score_candidates(h, targets[:, None])  # [P, 1]
+    neg_s = model.score_candidates(h, neg)  # [P, n]
+    return -F.logsigmoid(pos_s - neg_s).mean()
+
+
+def bce_loss(model: SequentialRecommender, h: torch.Tensor, targets: torch.Tensor,
+             gen: torch.Generator, negatives: int = 1) -> torch.Tensor:
+    """SASRec's loss: -log σ(s+) - Σ_j log(1 - σ(s-_j)) with uniform negatives."""
+    neg = uniform_negatives(targets, negatives, model.n_items, gen)
+    pos_s = model.score_candidates(h, targets[:, None]).squeeze(1)  # [P]
+    neg_s = model.score_candidates(h, neg)  # [P, n]
+    return -(F.logsigmoid(pos_s) + F.logsigmoid(-neg_s).sum(1)).mean()
+
+
+def gbce_loss(model: SequentialRecommender, h: torch.Tensor, targets: torch.Tensor,
+              gen: torch.Generator, negatives: int = 1, t: float = 0.75) -> torch.Tensor:
+    """gSASRec's generalised BCE: the positive term raised to β to undo negative-sampling overconfidence.
+
+    β = α (t (1 - 1/α) + 1/α) with α = negatives / (n_items - 1) the sampling rate.
+    """
+    alpha = negatives / max(model.n_items - 1, 1)
+    beta = alpha * (t * (1 - 1 / alpha) + 1 / alpha)
+    neg = uniform_negatives(targets, negatives, model.n_items, gen)
+    pos_s = model.score_candidates(h, targets[:, None]).squeeze(1)
+    neg_s = model.score_candidates(h, neg)
+    return -(beta * F.logsigmoid(pos_s) + F.logsigmoid(-neg_s).sum(1)).mean()
+
+
+def ce_loss(model: SequentialRecommender, h: torch.Tensor, targets: torch.Tensor,
+            gen: torch.Generator, negatives: int = 1) -> torch.Tensor:
+    """Full softmax cross-entropy over every item (padding excluded)."""
+    items = torch.arange(1, model.n_items + 1, device=h.device)
+    logits = model.score_items(h, items)  # [P, n_items]
+    return F.cross_entropy(logits, targets - 1)
+
+
+def sampled_softmax_loss(model: SequentialRecommender, h: torch.Tensor, targets: torch.Tensor,
+                         gen: torch.Generator, negatives: int = 256) -> torch.Tensor:
+    """Softmax over the target and ``negatives`` uniform items shared by the batch.
+
+    Uniform proposals make the logQ correction a constant, so none is applied; a negative
+    equal to a row's target is masked out (no accidental hits).
+    """
+    neg = torch.randint(1, model.n_items + 1, (negatives,), generator=gen, device=h.device)
+    pos_s = model.score_candidates(h, targets[:, None])  # [P, 1]
+    neg_s = model.score_items(h, neg)  # [P, n]
+    neg_s = neg_s.masked_fill(neg[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([pos_s, neg_s], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def compute_loss(name: str, model: SequentialRecommender, h: torch.Tensor, targets: torch.Tensor,
+                 gen: torch.Generator, negatives: int, gbce_t: float = 0.75) -> torch.Tensor:
+    """Dispatch on the configured loss name."""
+    if name == "bpr":
+        return bpr_loss(model, h, targets, gen, negatives)
+    if name == "bce":
+        return bce_loss(model, h, targets, gen, negatives)
+    if name == "gbce":
+        return gbce_loss(model, h, targets, gen, negatives, gbce_t)
+    if name == "ce":
+        return ce_loss(model, h, targets, gen)
+    if name == "sampled_softmax":
+        return sampled_softmax_loss(model, h, targets, gen, negatives)
+    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")

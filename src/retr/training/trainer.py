@@ -1,0 +1,273 @@
+"""The explicit training loop: data -> split -> model -> epochs -> best checkpoint -> test once.
+
+No training framework: one function, read top to bottom. Resume is exact on CPU in
+deterministic mode because everything random is either restored (model, optimizer, global RNG
+for dropout) or re-derived from (seed, epoch) (shuffling, negatives, masks).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from retr.config import RunConfig
+from retr.data.dataset import SequenceDataset
+from retr.data.negatives import sample_negatives
+from retr.data.splits import Split, make_split
+from retr.errors import RetrError, RunDirError
+from retr.evaluation.protocol import evaluate
+from retr.models import build_model
+from retr.models.base import SequentialRecommender
+from retr.training.checkpoint import (
+    RUN_FORMAT_VERSION,
+    load_array,
+    load_trainer_state,
+    load_weights,
+    read_json,
+    save_array,
+    save_trainer_state,
+    save_weights,
+)
+from retr.training.losses import compute_loss
+from retr.utils import atomic_write_json, atomic_write_text
+
+
+class TrainingDiverged(RetrError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class RunData:
+    """What a run needs besides the model: the data, its split and stored negatives."""
+
+    dataset: SequenceDataset
+    split: Split
+    negatives: dict[str, np.ndarray]
+
+
+def setup_torch(cfg: RunConfig) -> None:
+    """Seeds, threads and the deterministic switch."""
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+
+
+def prepare_run_data(cfg: RunConfig, dataset: SequenceDataset, run_dir: Path) -> RunData:
+    """Make the split and its sampled negatives once, and store them in the run directory."""
+    split = make_split(dataset, cfg.split.kind, seed=cfg.seed, valid_cutoff=cfg.split.valid_cutoff,
+                       test_cutoff=cfg.split.test_cutoff, rolling_steps=cfg.split.rolling_steps)
+    pop = split.train_item_counts(dataset) if cfg.eval.negative_sampling == "popularity" else None
+    negatives = {}
+    for offset, part in enumerate(("valid", "test")):
+        negatives[part] = sample_negatives(dataset, split.examples(part), cfg.eval.negatives,
+                                           seed=cfg.seed * 2 + offset, popularity=pop)
+        save_array(run_dir / f"negatives_{part}.npy", negatives[part])
+    split.save(run_dir / "split.npz")
+    dataset.vocab.save(run_dir / "vocab.json")
+    return RunData(dataset, split, negatives)
+
+
+def load_run_data(cfg: RunConfig, dataset: SequenceDataset, run_dir: Path) -> RunData:
+    """Reload a run's stored split and negatives, checking they belong to ``dataset``."""
+    env = read_json(run_dir / "env.json")
+    if env.get("data_fingerprint") != dataset.fingerprint():
+        raise RunDirError(f"{run_dir}: the data of {cfg.data.source!r} changed since this run was "
+                          f"made (fingerprint {dataset.fingerprint()} != {env.get('data_fingerprint')})")
+    split = Split.load(run_dir / "split.npz")
+    negatives = {p: load_array(run_dir / f"negatives_{p}.npy") for p in ("valid", "test")}
+    return RunData(dataset, split, negatives)
+
+
+def training_batch(model: SequentialRecommender, data: RunData, users: np.ndarray, lengths: np.ndarray,
+                   gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) with targets 0 where there is nothing to predict.
+
+    "next": inputs are the last N items before each position's target (shifted sequence).
+    "cloze": inputs are the last N items with some replaced by the mask token; targets are
+    the original items at masked positions.
+    """
+    n = model.max_len
+    if model.objective == "cloze":
+        seqs = torch.from_numpy(data.dataset.padded_prefixes(users, lengths, n))
+        masked, labels = model.cloze_batch(seqs, gen)  # type: ignore[attr-defined]
+        return masked.to(device), labels.to(device)
+    window = torch.from_numpy(data.dataset.padded_prefixes(users, lengths, n + 1))
+    inputs, targets = window[:, :-1], window[:, 1:]
+    targets = torch.where(inputs > 0, targets, torch.zeros_like(targets))
+    return inputs.to(device), targets.to(device)
+
+
+def _env(dataset: SequenceDataset) -> dict[str, Any]:
+    import retr
+
+    return {"retr": retr.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "run_format_version": RUN_FORMAT_VERSION, "data_fingerprint": dataset.fingerprint(),
+            "data": dataset.describe()}
+
+
+def train(cfg: RunConfig, dataset: SequenceDataset, run_dir: str | Path, resume: bool = False,
+          log: Any = print) -> dict[str, Any]:
+    """Train ``cfg.model_name`` on ``dataset`` into ``run_dir``; return the final results.
+
+    With ``resume`` the run continues from ``run_dir/trainer_state.pt`` and ends with the same
+    weights an uninterrupted run would have (CPU, deterministic mode).
+    """
+    run_dir = Path(run_dir)
+    setup_torch(cfg)
+    device = torch.device(cfg.train.device)
+    if resume:
+        data = load_run_data(cfg, dataset, run_dir)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", cfg.to_json())
+        atomic_write_json(run_dir / "env.json", _env(dataset))
+        data = prepare_run_data(cfg, dataset, run_dir)
+    model = build_model(cfg.model_name, dataset.n_items, cfg.model).to(device)
+    meta = {"model": cfg.model_name, "dataset": dataset.name}
+    if not getattr(model, "trainable", True):
+        model.fit_counts(data.split.train_item_counts(dataset))  # type: ignore[attr-defined]
+        save_weights(model, run_dir / "model.safetensors", meta)
+        save_weights(model, run_dir / "last.safetensors", meta)
+        return final_evaluation(cfg, model, data, run_dir, log)
+    _fit(cfg, model, data, run_dir, resume, device, meta, log)
+    load_weights(model, run_dir / "model.safetensors")
+    return final_evaluation(cfg, model, data, run_dir, log)
+
+
+def _fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: Path, resume: bool,
+         device: torch.device, meta: dict[str, str], log: Any) -> None:
+    tc = cfg.train
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    history: list[dict[str, Any]] = []
+    start_epoch, best, best_epoch, bad = 1, -math.inf, 0, 0
+    elapsed = 0.0
+    if resume:
+        state = load_trainer_state(run_dir / "trainer_state.pt")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch = int(state["epoch"]) + 1
+        best, best_epoch, bad = float(state["best"]), int(state["best_epoch"]), int(state["bad_epochs"])
+        history = list(state["history"])
+        elapsed = float(state["elapsed"])
+        log(f"resuming {run_dir} after epoch {state['epoch']} (best {tc.valid_metric} "
+            f"{best:.4f} at epoch {best_epoch})")
+    writer = _tensorboard(run_dir) if tc.tensorboard else None
+    split = data.split
+    n_train = len(split.train_users)
+    for epoch in range(start_epoch, tc.epochs + 1):
+        if (tc.patience and bad >= tc.patience) or (tc.max_minutes and elapsed >= tc.max_minutes * 60):
+            break
+        t0 = time.perf_counter()
+        model.train()
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        total, steps, seen = 0.0, 0, 0
+        bar = tqdm(range(0, n_train, tc.batch_size), desc=f"epoch {epoch}", unit="batch",
+                   disable=not tc.progress, leave=False)
+        for start in bar:
+            idx = perm[start:start + tc.batch_size]
+            inputs, targets = training_batch(model, data, split.train_users[idx],
+                                             split.train_lengths[idx], gen, device)
+            hidden = model(inputs).hidden  # [B, N, d]
+            mask = targets > 0
+            loss = compute_loss(tc.loss, model, hidden[mask], targets[mask], gen, tc.negatives,
+                                tc.gbce_t)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch}, step {steps + 1}; the best "
+                    f"checkpoint in {run_dir} is untouched. Lower train.lr or set train.grad_clip")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            total += loss.item()
+            steps += 1
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / steps:.4f}",
+                            seq_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        train_time = time.perf_counter() - t0
+        row: dict[str, Any] = {"epoch": epoch, "loss": total / max(steps, 1),
+                               "train_seconds": round(train_time, 3),
+                               "sequences_per_second": round(seen / max(train_time, 1e-9), 1)}
+        if epoch % tc.eval_every == 0 or epoch == tc.epochs:
+            res = evaluate(model, data.dataset, split.valid, tc.valid_protocol, cfg.eval,
+                           data.negatives["valid"])
+            value = res["metrics"].get(tc.valid_metric)
+            if value is None:
+                raise RetrError(f"train.valid_metric {tc.valid_metric!r} is not computed; "
+                                f"choose one of {', '.join(res['metrics'])}")
+            row["valid"] = {"protocol": tc.valid_protocol, **res["metrics"]}
+            if value > best:
+                best, best_epoch, bad = value, epoch, 0
+                save_weights(model, run_dir / "model.safetensors", {**meta, "epoch": str(epoch)})
+            else:
+                bad += tc.eval_every
+            log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  valid {tc.valid_metric} {value:.4f}  "
+                f"(best {best:.4f} @ {best_epoch})  {train_time:.1f}s")
+        elapsed += time.perf_counter() - t0
+        row["elapsed_seconds"] = round(elapsed, 3)
+        history.append(row)
+        if writer is not None:
+            writer.add_scalar("train/loss", row["loss"], epoch)
+            for k, v in row.get("valid", {}).items():
+                if isinstance(v, float):
+                    writer.add_scalar(f"valid/{k}", v, epoch)
+        save_weights(model, run_dir / "last.safetensors", {**meta, "epoch": str(epoch)})
+        atomic_write_text(run_dir / "metrics.jsonl",
+                          "".join(_json_line(r) for r in history))
+        save_trainer_state({
+            "format_version": RUN_FORMAT_VERSION, "epoch": epoch,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(), "best": best, "best_epoch": best_epoch,
+            "bad_epochs": bad, "history": history, "elapsed": elapsed,
+        }, run_dir / "trainer_state.pt")
+        if tc.patience and bad >= tc.patience:
+            log(f"early stop: no {tc.valid_metric} improvement for {bad} epochs")
+    if writer is not None:
+        writer.close()
+    if best_epoch == 0:
+        save_weights(model, run_dir / "model.safetensors", {**meta, "epoch": "0"})
+
+
+def _json_line(obj: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(obj) + "\n"
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RetrError("train.tensorboard = true needs the tensorboard package: "
+                        "pip install tensorboard") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def final_evaluation(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: Path,
+                     log: Any = print) -> dict[str, Any]:
+    """Evaluate the selected weights on validation and, once, on test; write results.json."""
+    results: dict[str, Any] = {
+        "model": cfg.model_name, "dataset": data.dataset.name, "seed": cfg.seed,
+        "split": cfg.split.kind, "data_fingerprint": data.dataset.fingerprint(),
+        "n_items": data.dataset.n_items, "results": [],
+    }
+    for part in ("valid", "test"):
+        for protocol in cfg.eval.protocols:
+            res = evaluate(model, data.dataset, data.split.examples(part), protocol, cfg.eval,
+                           data.negatives[part], progress=cfg.train.progress)
+            results["results"].append({"split": part, **res})
+    atomic_write_json(run_dir / "results.json", results)
+    return results
