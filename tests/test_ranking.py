@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+
+from retr.data.splits import make_split
+from retr.evaluation.metrics import metrics_from_counts
+from retr.evaluation.protocol import EvalConfig, evaluate
+from retr.evaluation.ranking import full_rank_counts, history_pairs, sampled_rank_counts, topk_items
+from retr.models.base import ModelOutput, SequentialRecommender
+from tests.test_splits import _random_dataset
+
+
+class BagModel(SequentialRecommender):
+    """Scores items by dot product with the sum of the input's embeddings (integer-valued)."""
+
+    def __init__(self, n_items, d=4, seed=0, constant=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.n_items, self.max_len = n_items, 8
+        emb = torch.randint(-3, 4, (n_items + 1, d), generator=g).float()
+        emb[0] = 0
+        self.emb = torch.nn.Parameter(torch.ones_like(emb) if constant else emb)
+
+    def forward(self, seqs, output_attentions=False):
+        return ModelOutput(hidden=self.emb[seqs].cumsum(1))
+
+    def item_representation(self, items):
+        return self.emb[items]
+
+
+def naive_counts(model, ds, ex, exclude_history):
+    h = torch.stack([model.user_representation(torch.from_numpy(
+        ds.padded_prefixes(np.array([u]), np.array([n]), model.max_len)))[0]
+        for u, n in zip(ex.users, ex.lengths, strict=True)])
+    scores = (h @ model.emb.T).detach().numpy()
+    g, t, v = [], [], []
+    for r, (u, n, tgt) in enumerate(zip(ex.users, ex.lengths, ex.targets, strict=True)):
+        cand = set(range(1, ds.n_items + 1))
+        if exclude_history:
+            cand -= set(ds.sequence(u)[:n].tolist())
+        v.append(tgt in cand)
+        others = [c for c in cand if c != tgt]
+        g.append(sum(scores[r, c] > scores[r, tgt] for c in others))
+        t.append(sum(scores[r, c] == scores[r, tgt] for c in others))
+    return np.array(g), np.array(t), np.array(v)
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+@pytest.mark.parametrize("chunk", [3, 7, 1000])
+def test_chunked_full_ranking_equals_naive(exclude, chunk):
+    ds = _random_dataset()
+    split = make_split(ds, "loo")
+    model = BagModel(ds.n_items)
+    rc = full_rank_counts(model, ds, split.test, exclude, batch_size=5, item_chunk=chunk)
+    g, t, v = naive_counts(model, ds, split.test, exclude)
+    assert (rc.greater[v] == g[v]).all() and (rc.ties[v] == t[v]).all()
+    assert (rc.valid == v).all()
+    assert t.sum() > 0  # the case exercises ties
+
+
+def test_constant_scorer_gets_chance_level():
+    ds = _random_dataset()
+    split = make_split(ds, "loo")
+    model = BagModel(ds.n_items, constant=True)
+    cfg = EvalConfig(ks=[10], negatives=20)
+    full = evaluate(model, ds, split.test, "full", EvalConfig(ks=[10], exclude_history=False))
+    assert full["metrics"]["HR@10"] == pytest.approx(10 / ds.n_items)
+    negs = np.stack([np.random.default_rng(0).choice(np.setdiff1d(np.arange(1, ds.n_items + 1),
+                     ds.sequence(u)), 20, replace=False) for u in split.test.users])
+    sampled = evaluate(model, ds, split.test, "sampled", cfg, negs)
+    assert sampled["metrics"]["HR@10"] == pytest.approx(10 / 21)
+
+
+def test_sampled_counts_hand_case():
+    ds = _random_dataset()
+    split = make_split(ds, "loo")
+    model = BagModel(ds.n_items)
+    negs = np.tile(np.arange(1, 6), (len(split.test), 1))
+    rc = sampled_rank_counts(model, ds, split.test, negs, batch_size=4)
+    h = model.user_representation(torch.from_numpy(
+        ds.padded_prefixes(split.test.users, split.test.lengths, model.max_len)))
+    s = (h @ model.emb.T).detach().numpy()
+    tgt = s[np.arange(len(s)), split.test.targets]
+    assert (rc.greater == (s[:, 1:6] > tgt[:, None]).sum(1)).all()
+    m = metrics_from_counts(rc.greater, rc.ties, rc.valid, (10,))
+    assert (m["HR@10"] == 1).all()  # 6 candidates < 10
+
+
+def test_running_topk_equals_full_sort():
+    ds = _random_dataset()
+    model = BagModel(ds.n_items)
+    users, lengths = np.arange(6), np.full(6, 3)
+    h = model.user_representation(torch.from_numpy(ds.padded_prefixes(users, lengths, 8)))
+    rows, items = history_pairs(ds, users, lengths)
+    ids, scores = topk_items(model, h, 5, ds.n_items, rows, items, item_chunk=4)
+    full = (h @ model.emb.T).detach()
+    full[:, 0] = -torch.inf
+    full[torch.from_numpy(rows), torch.from_numpy(items)] = -torch.inf
+    for r in range(6):
+        order = sorted(range(ds.n_items + 1), key=lambda i: (-full[r, i].item(), i))[:5]
+        assert ids[r].tolist() == order
+        assert not set(ids[r].tolist()) & set(items[rows == r].tolist())
