@@ -118,8 +118,8 @@ def detect_format(path: str | Path) -> str:
     Raises DataError when the guess would be a coin toss, so a wrong reader never runs silently.
     """
     p = _existing_file(path)
-    head, _ = _read_bytes(p, limit=_HEAD_BYTES)
-    return _detect(p, head, complete=len(head) < _HEAD_BYTES)
+    head, gz = _read_bytes(p, limit=_HEAD_BYTES)
+    return _detect(p, head, gz, complete=len(head) < _HEAD_BYTES)
 
 
 def read_interactions(path: str | Path, fmt: str | None = None,
@@ -134,7 +134,7 @@ def read_interactions(path: str | Path, fmt: str | None = None,
     p = _existing_file(path)
     data, gz = _read_bytes(p)
     if fmt is None:
-        fmt = _detect(p, data[:_HEAD_BYTES], complete=len(data) <= _HEAD_BYTES)
+        fmt = _detect(p, data[:_HEAD_BYTES], gz, complete=len(data) <= _HEAD_BYTES)
     return _READERS[fmt](_Source(p, data, gz), columns or ColumnMap())
 
 
@@ -154,17 +154,20 @@ class _Source:
 
     def text(self) -> str:
         """The content as text; non-UTF-8 bytes are reported with line and byte offset."""
-        try:
-            text = self.data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = self.data.count(b"\n", 0, e.start) + 1
-            inside = " of the decompressed data" if self.gz else ""
-            raise DataError(
-                f"{self}:{line}: bytes are not valid UTF-8 (byte offset {e.start}{inside}); "
-                "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+        text = _decode(self.data, self.path, self.gz)
         if not text.strip():
             raise _empty(self)
         return text
+
+
+def _decode(data: bytes, path: Path, gz: bool) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        inside = " of the decompressed data" if gz else ""
+        raise DataError(f"{path}:{line}: bytes are not valid UTF-8 (byte offset {e.start}{inside}); "
+                        "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _existing_file(path: str | Path) -> Path:
@@ -197,14 +200,14 @@ def _read_bytes(path: Path, limit: int | None = None) -> tuple[bytes, bool]:
 # --- detection -------------------------------------------------------------------------------
 
 
-def _detect(path: Path, head: bytes, complete: bool) -> str:
+def _detect(path: Path, head: bytes, gz: bool, complete: bool) -> str:
     name = path.name.lower().removesuffix(".gz")
     suffix = Path(name).suffix
     if suffix in (".parquet", ".pq") or head.startswith(_PARQUET_MAGIC):
         return "parquet"
     if name in ("u.data", "ratings.dat"):
         return "movielens"
-    lines = _sample_lines(head, complete)
+    lines = _sample_lines(path, head, gz, complete)
     if not lines:
         raise _empty(path)
     first = lines[0]
@@ -241,11 +244,12 @@ def _detect_whitespace(path: Path, lines: list[str]) -> str:
     raise _ambiguous(path, "the first lines match no known layout")
 
 
-def _sample_lines(head: bytes, complete: bool) -> list[str]:
-    """Non-blank lines of the head, without a last line that the byte limit may have cut."""
-    lines = head.decode("utf-8-sig", errors="replace").split("\n")
-    if not complete and len(lines) > 1:
-        lines = lines[:-1]
+def _sample_lines(path: Path, head: bytes, gz: bool, complete: bool) -> list[str]:
+    """Non-blank lines of the head, without the part that the byte limit may have cut."""
+    if not complete:
+        cut = head.rfind(b"\n")
+        head = head[:cut] if cut >= 0 else head[:-3]
+    lines = _decode(head, path, gz).split("\n")
     return [line.rstrip("\r") for line in lines if line.strip()][:_SAMPLE_LINES]
 
 
@@ -330,8 +334,7 @@ def _read_rechorus(src: _Source, columns: ColumnMap) -> pd.DataFrame:
 def _read_movielens(src: _Source, columns: ColumnMap) -> pd.DataFrame:
     _reject_columns(src, columns, "movielens")
     text = src.text()
-    first = next(line for line in text.split("\n", _SAMPLE_LINES) if line.strip())
-    if "::" in first:
+    if "::" in text.lstrip().split("\n", 1)[0]:
         text = text.replace("::", "\t")
     fixed = ColumnMap(user="0", item="1", rating="2", timestamp="3")
     return _read_delimited(src, fixed, sep="\t", header=False, quoting=csv.QUOTE_NONE,
@@ -353,8 +356,8 @@ def _read_delimited(src: _Source, columns: ColumnMap, *, sep: str, header: bool 
     if header is None:
         header = _looks_like_header(fields, columns)
     names = [f.strip() for f in fields] if header else [str(i) for i in range(len(fields))]
-    roles = _resolve(src, names, columns, header=header, positional=True,
-                     table_hint=expect_fields is None)
+    hint = "use --format csv-noheader with positions" if sep == "," else ""
+    roles = _resolve(src, names, columns, header=header, positional=True, no_header_hint=hint)
     skip = first_index + 1 if header else first_index
     try:
         table = pd.read_csv(io.StringIO(text), sep=sep, header=None, names=list(range(len(names))),
@@ -499,7 +502,7 @@ def _reject_columns(src: _Source, columns: ColumnMap, fmt: str) -> None:
 
 
 def _resolve(src: _Source, names: list[str], columns: ColumnMap, *, header: bool,
-             positional: bool, table_hint: bool = True) -> dict[str, int]:
+             positional: bool, no_header_hint: str = "") -> dict[str, int]:
     """Map each role to a column index: explicit name, explicit position, then usual names."""
     given = _given(columns)
     lowered = [n.lower() for n in names]
@@ -522,8 +525,7 @@ def _resolve(src: _Source, names: list[str], columns: ColumnMap, *, header: bool
             if index is not None:
                 roles[role] = index
             elif role in _REQUIRED:
-                hint = ("; if the file has no header row use --format csv-noheader and "
-                        "positions" if table_hint and positional else "")
+                hint = f"; if the file has no header row, {no_header_hint}" if no_header_hint else ""
                 raise DataError(f"{src}: no {role} column (looked for "
                                 f"{', '.join(DEFAULT_NAMES[role])}); {found}; name the columns "
                                 f"with --user-col/--item-col/--time-col{hint}")
@@ -534,8 +536,9 @@ def _resolve(src: _Source, names: list[str], columns: ColumnMap, *, header: bool
     by_index: dict[int, str] = {}
     for role, index in roles.items():
         if index in by_index:
-            raise DataError(f"{src}: {_FLAGS[by_index[index]]} and {_FLAGS[role]} both point at "
-                            f"column {names[index]!r}; map each role to its own column")
+            raise DataError(f"{src}: {by_index[index]} and {role} would both be read from column "
+                            f"{names[index]!r}; give each its own column with "
+                            "--user-col/--item-col/--time-col/--rating-col")
         by_index[index] = role
     return roles
 
@@ -555,8 +558,8 @@ def _finish(src: _Source, raw: dict[str, pd.Series], names: dict[str, str],
         missing = (ids.isna() | (ids == "")).to_numpy(dtype=bool)
         if missing.any():
             i = int(np.flatnonzero(missing)[0])
-            raise DataError(f"{where(i)}: column {names[role]!r} is empty (missing {role} id or "
-                            "too few fields on the line); fix or remove the line")
+            raise DataError(f"{where(i)}: column {names[role]!r} is empty or null (no {role} id, "
+                            "or too few fields on the line); fix or remove that row")
         out[role] = ids
     for role in ("timestamp", "rating"):
         if role in raw:
