@@ -22,8 +22,10 @@ Design
 
 * Noise behaviors are drawn from a Zipf-like popularity (exponent 0.9) over a random item
   order, so the most popular items are noise and a popularity ranking does badly on targets.
-  Each pathway token is followed by a geometric number of noise tokens, in expectation a
-  fraction ``noise`` of all behaviors (casual episodes carry a few more, for their gaps).
+  Each signal token brings a geometric number of noise tokens, so a fraction ``noise`` of
+  an episode's behaviors are noise; casual episodes carry a few more for their gaps (with
+  the default 0.4: 0.40 in correlated and drifted episodes, 0.48 in casual ones, 0.42 overall;
+  the old theme of a drifted episode comes on top).
 * The target is a deterministic function of the pathway tokens; all the difficulty is
   finding them among the noise. Every episode (not only the last) has this structure, so
   next-item training on every position sees the signal.
@@ -35,7 +37,10 @@ in the user's chronological sequence, all before the last position), plus ``old_
 (the abandoned theme's tokens) for ``drifted``.
 
 With the default config (2,000 users, 400 items) every item occurs far more than 5 times
-(the rarest about 60 times), so 5-core filtering keeps 100% of users and interactions.
+(the rarest about 90 times, across seeds 0-3), so 5-core filtering keeps 100% of users and
+interactions. The planted rule (:func:`planted_rule`) predicts every last item; a popularity
+ranking reaches HR@10 of about 0.03, and simple transition counts learnt from the training
+prefixes (no ground truth) about 0.97, so the signal is there to be learnt.
 """
 
 from __future__ import annotations
@@ -109,7 +114,8 @@ class SyntheticConfig:
             raise bad("shapes", f"must be a non-empty list of distinct shapes from {SHAPES}")
         unknown = [s for s in self.shapes if s not in SHAPES]
         if unknown:
-            raise bad("shapes", f"has unknown shape(s) {unknown}; valid shapes: {', '.join(SHAPES)}")
+            raise bad("shapes", f"has unknown shape(s) {unknown}; valid shapes: "
+                                f"{', '.join(SHAPES)}")
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -186,7 +192,8 @@ class SyntheticLog:
             cfg = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
             pathways = json.loads((directory / PATHWAYS_FILE).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{directory}: synthetic log metadata is not valid JSON ({exc})") from None
+            raise DataError(f"{directory}: synthetic log metadata is not valid JSON "
+                            f"({exc})") from None
         cfg.pop("format_version", None)
         log = pd.read_csv(directory / LOG_FILE, dtype={"user": str, "item": str,
                                                        "timestamp": np.float64})
@@ -327,7 +334,8 @@ def _signal_items(shape: str, n: int, st: ThemeStructure, rng: np.random.Generat
                           axis=1)
 
 
-def _theme_run(st: ThemeStructure, theme: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+def _theme_run(st: ThemeStructure, theme: np.ndarray, k: int,
+               rng: np.random.Generator) -> np.ndarray:
     """int64 [n, k]: k consecutive items of each theme from a random start."""
     sizes = np.array([len(t) for t in st.themes], dtype=np.int64)
     table = np.zeros((len(st.themes), int(sizes.max())), dtype=np.int64)
