@@ -41,7 +41,8 @@ def sample_negatives(dataset: SequenceDataset, examples: EvalExamples, n: int = 
         bad = int(np.flatnonzero(free < n)[0])
         raise DataError(
             f"user {dataset.vocab.users[examples.users[bad]]} has only {free[bad]} items they never "
-            f"interacted with, fewer than the {n} negatives asked for; lower --negatives")
+            f"interacted with, fewer than the {n} negatives asked for; lower "
+            "eval.negatives, e.g. --set eval.negatives=50")
     rng = np.random.default_rng(seed)
     if popularity is not None:
         p = np.asarray(popularity[1:], dtype=np.float64) + 1e-12
