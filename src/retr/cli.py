@@ -99,26 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace, model: str | None = None) -> Any:
-    from retr.config import resolve_config
+    """Config file <- command-line flags <- --set overrides.
 
-    overrides = list(getattr(args, "set", []) or [])
-    base: dict[str, Any] = {}
+    A config file may hold ``[models.NAME]`` tables (for ``retr compare``); the one of the
+    chosen model becomes its ``[model]`` section.
+    """
+    from retr.config import load_toml, merge_dicts, resolve_config
+
+    raw: dict[str, Any] = load_toml(args.config) if getattr(args, "config", None) else {}
+    per_model = raw.pop("models", {})
+    name = model or getattr(args, "model", None) or raw.get("model", {}).get("name")
+    if name and isinstance(per_model, dict) and name in per_model:
+        raw = merge_dicts(raw, {"model": dict(per_model[name])})
+    flags: dict[str, Any] = {}
     if getattr(args, "data", None):
-        base.setdefault("data", {})["source"] = args.data
-    name = model or getattr(args, "model", None)
+        flags["data"] = {"source": args.data}
     if name:
-        base.setdefault("model", {})["name"] = name
+        flags.setdefault("model", {})["name"] = name
     if getattr(args, "seed", None) is not None:
-        base["seed"] = args.seed
-    pre = [o for o in _data_overrides(args)]
-    cfg_file = getattr(args, "config", None)
-    if cfg_file:
-        # the config file is the base; command-line flags override it
-        from retr.config import _merge, load_toml
-
-        raw = _merge(load_toml(cfg_file), base)
-        return resolve_config(None, pre + overrides, base=raw)
-    return resolve_config(None, pre + overrides, base=base)
+        flags["seed"] = args.seed
+    overrides = _data_overrides(args) + list(getattr(args, "set", []) or [])
+    return resolve_config(None, overrides, base=merge_dicts(raw, flags))
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -271,14 +271,15 @@ def resolve_config(config_file: str | Path | None = None, overrides: list[str] |
     raw: dict[str, Any] = dict(base or {})
     where = "config"
     if config_file is not None:
-        raw = _merge(raw, load_toml(config_file))
+        raw = merge_dicts(raw, load_toml(config_file))
         where = str(config_file)
     raw = apply_overrides(raw, overrides or [])
     return RunConfig.from_dict(raw, where)
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge: values of ``b`` win, tables merge."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
