@@ -3,7 +3,7 @@
 # print one results table (a few minutes on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh all
 . .venv/bin/activate
 out="runs/quickstart-$(date +%Y%m%d-%H%M%S)"
 retr compare --data synthetic --models pop,gru4rec,sasrec,retr --config configs/synthetic.toml --out "$out"

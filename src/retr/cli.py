@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--model")
     cs.add_argument("--data")
     cs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    from retr.serving.commands import register as register_serving
+
+    register_serving(sub)
     return parser
 
 
@@ -288,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     commands = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate,
                 "compare": cmd_compare, "config": cmd_config}
+    from retr.serving.commands import COMMANDS as SERVING_COMMANDS
+
+    commands.update(SERVING_COMMANDS)
     if args.command not in commands:
         parser.print_help()
         return 2

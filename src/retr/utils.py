@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Write ``path`` via a temporary sibling then rename, so a crash never leaves half a file.
 
     ``write`` receives the temporary path and must create the file there.

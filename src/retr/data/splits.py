@@ -84,7 +84,7 @@ class Split:
 
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
 
 
 def _prefix_positions(dataset: SequenceDataset, users: np.ndarray, lengths: np.ndarray) -> np.ndarray:

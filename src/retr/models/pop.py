@@ -25,6 +25,7 @@ class PopConfig:
 class Pop(SequentialRecommender):
     name: ClassVar[str] = "pop"
     trainable: ClassVar[bool] = False
+    counts: torch.Tensor
 
     def __init__(self, n_items: int, config: PopConfig | None = None) -> None:
         super().__init__()

@@ -47,7 +47,7 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seen: dict[tuple[int, int], str] = {}
     out = {}
     for k, v in state.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        key = (int(v.untyped_storage().data_ptr()), int(v.storage_offset()))
         if key in seen and v.numel():
             out[k] = v.clone()
         else:

@@ -12,7 +12,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from retr.errors import RetrError, RunDirError
 from retr.evaluation.protocol import evaluate
 from retr.models import build_model
 from retr.models.base import SequentialRecommender
+from retr.serving.recommender import save_item_counts
 from retr.training.checkpoint import (
     RUN_FORMAT_VERSION,
     load_array,
@@ -72,6 +73,7 @@ def prepare_run_data(cfg: RunConfig, dataset: SequenceDataset, run_dir: Path) ->
                                            seed=cfg.seed * 2 + offset, popularity=pop)
         save_array(run_dir / f"negatives_{part}.npy", negatives[part])
     split.save(run_dir / "split.npz")
+    save_item_counts(run_dir, split.train_item_counts(dataset))  # popularity fallback in serving
     dataset.vocab.save(run_dir / "vocab.json")
     return RunData(dataset, split, negatives)
 
@@ -98,7 +100,7 @@ def training_batch(model: SequentialRecommender, data: RunData, users: np.ndarra
     n = model.max_len
     if model.objective == "cloze":
         seqs = torch.from_numpy(data.dataset.padded_prefixes(users, lengths, n))
-        masked, labels = model.cloze_batch(seqs, gen)  # type: ignore[attr-defined]
+        masked, labels = cast(Any, model).cloze_batch(seqs, gen)
         return masked.to(device), labels.to(device)
     window = torch.from_numpy(data.dataset.padded_prefixes(users, lengths, n + 1))
     inputs, targets = window[:, :-1], window[:, 1:]
@@ -135,7 +137,7 @@ def train(cfg: RunConfig, dataset: SequenceDataset, run_dir: str | Path, resume:
     model = build_model(cfg.model_name, dataset.n_items, cfg.model).to(device)
     meta = {"model": cfg.model_name, "dataset": dataset.name}
     if not getattr(model, "trainable", True):
-        model.fit_counts(data.split.train_item_counts(dataset))  # type: ignore[attr-defined]
+        cast(Any, model).fit_counts(data.split.train_item_counts(dataset))
         save_weights(model, run_dir / "model.safetensors", meta)
         save_weights(model, run_dir / "last.safetensors", meta)
         return final_evaluation(cfg, model, data, run_dir, log)

@@ -1,0 +1,158 @@
+"""Which past behaviors a recommendation relied on: routes, keep probabilities and attention.
+
+:func:`explain_history` runs the served model once with ``output_attentions=True`` on exactly
+the window the recommendation uses, and returns per layer the route R^l (RETR: which behaviors
+are on the pathway), the keep probabilities alpha and the head-averaged attention over the real
+tokens. Models without a router give attention alone; models without attention (GRU4Rec, pop)
+give no layers. :func:`draw_pathway` turns that into a PNG heatmap per layer, like the paper's
+figures: keep probabilities on top, coloured by route, the attention map below. Drawing uses matplotlib's object API (Agg canvas, no pyplot), so
+it never changes the caller's backend and is safe from server threads.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from retr.errors import RetrError
+from retr.explain.titles import shorten
+from retr.serving.recommender import EmptyHistoryError, Recommender
+
+MASK_TOKEN = "[mask]"
+ON_COLOUR = "tab:red"
+OFF_COLOUR = "lightgray"
+
+
+def _rounded(values: torch.Tensor, digits: int = 6) -> list[Any]:
+    return [round(float(v), digits) for v in values.tolist()] if values.ndim == 1 else \
+        [_rounded(row, digits) for row in values]
+
+
+@torch.no_grad()
+def explain_history(recommender: Recommender, history: object, k: int = 10,
+                    exclude_seen: bool = True, titles: dict[str, str] | None = None,
+                    unknown: str | None = None) -> dict[str, Any]:
+    """The explanation JSON of one history: items, per-layer route/keep_prob/attention, top-k.
+
+    ``tokens`` label the rows and columns of every per-layer list: the used history items,
+    plus the ``[mask]`` slot a cloze model (BERT4Rec) predicts from.
+    """
+    model = recommender.model
+    enc = recommender.encode(history, unknown)
+    if not len(enc.ids):
+        raise EmptyHistoryError("history has no known item; there is nothing to explain")
+    seqs = recommender.padded([enc])  # [1, N]
+    cloze = model.objective == "cloze" and hasattr(model, "mask_id")
+    if cloze:
+        # the same input as BERT4Rec's user_representation: slide by one, predict at [mask]
+        mask_col = torch.full_like(seqs[:, :1], int(cast(Any, model).mask_id))  # [1, 1]
+        seqs = torch.cat([seqs[:, 1:], mask_col], dim=1)  # [1, N]
+    out = model(seqs, output_attentions=True)
+    items = recommender.external(enc.used)
+    titles = titles or {}
+    labels = [shorten(titles.get(i, i)) for i in items]
+    tokens = items + ([MASK_TOKEN] if cloze else [])
+    n = len(tokens)
+    n_layers = max(len(out.attentions or []), len(out.routes or []))
+    layers = []
+    for layer in range(n_layers):
+        entry: dict[str, Any] = {"layer": layer + 1, "route": None, "keep_prob": None,
+                                 "pathway": None, "attention": None}
+        if out.routes is not None:
+            route = out.routes[layer][0, -n:]  # [n] R^l
+            entry["route"] = [int(round(float(r))) for r in route.tolist()]
+            entry["pathway"] = [t for t, r in zip(tokens, entry["route"], strict=True) if r]
+        if out.keep_probs is not None:
+            entry["keep_prob"] = _rounded(out.keep_probs[layer][0, -n:])  # [n] alpha
+        if out.attentions is not None:
+            att = out.attentions[layer][0].mean(dim=0)[-n:, -n:]  # [n, n] heads averaged
+            entry["attention"] = _rounded(att)
+        layers.append(entry)
+    rec = recommender.recommend(history, k=k, exclude_seen=exclude_seen, unknown=unknown)
+    return {
+        "model": recommender.model_name,
+        "dataset": recommender.dataset_name,
+        "items": items,
+        "labels": labels + ([MASK_TOKEN] if cloze else []),
+        "tokens": tokens,
+        "truncated": enc.truncated,
+        "skipped": enc.skipped,
+        "has_router": out.routes is not None,
+        "layers": layers,
+        "recommendations": [{"item": i, "score": s, "label": shorten(titles.get(i, i))}
+                            for i, s in zip(rec.items, rec.scores, strict=True)],
+    }
+
+
+def _tick_step(n: int, max_labels: int = 40) -> int:
+    return max(1, math.ceil(n / max_labels))
+
+
+def draw_pathway(explanation: dict[str, Any], path: str | Path, dpi: int = 120) -> Path:
+    """Write the explanation as a PNG: per layer, keep probabilities and the attention map."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend, thread-safe
+    except ImportError:
+        raise RetrError("drawing the pathway needs matplotlib: pip install matplotlib") from None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = explanation["labels"]
+    layers = explanation["layers"]
+    n = len(labels)
+    step = _tick_step(n)
+    ticks = list(range(0, n, step))
+    title = f"{explanation['model']}: behavior pathway"
+    if not layers:
+        fig = Figure(figsize=(7, 3))
+        ax = fig.subplots()
+        ax.axis("off")
+        recs = ", ".join(r["label"] for r in explanation["recommendations"][:5])
+        ax.text(0.0, 0.6, f"{explanation['model']} returns no attention or routes.",
+                fontsize=11)
+        ax.text(0.0, 0.3, f"top recommendations: {recs}", fontsize=9, wrap=True)
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        return path
+    side = min(12.0, max(4.0, 0.18 * n + 2.0))
+    has_keep = any(layer["keep_prob"] is not None for layer in layers)
+    ratios = [1, 5] if has_keep else [0.001, 5]
+    fig = Figure(figsize=(side * len(layers), side * 1.25), layout="constrained")
+    axes = fig.subplots(2, len(layers), gridspec_kw={"height_ratios": ratios}, squeeze=False,
+                        sharex="col")
+    image = None
+    for col, layer in enumerate(layers):
+        top, heat = axes[0, col], axes[1, col]
+        route = layer["route"]
+        on = [bool(r) for r in route] if route is not None else [True] * n
+        if layer["keep_prob"] is not None:
+            colours = [ON_COLOUR if keep else OFF_COLOUR for keep in on]
+            top.bar(range(n), layer["keep_prob"], color=colours, width=0.85)
+            top.set_ylim(0, 1)
+            top.set_ylabel("keep prob.")
+            top.tick_params(labelbottom=False)
+            top.set_title(f"layer {layer['layer']}: {sum(on)}/{n} on the pathway (red)")
+        else:
+            top.axis("off")
+        if layer["attention"] is not None:
+            image = heat.imshow(layer["attention"], cmap="Blues", vmin=0.0, aspect="auto",
+                                interpolation="nearest")
+            if not has_keep:
+                heat.set_title(f"layer {layer['layer']}: attention (mean over heads)")
+        heat.set_xlim(-0.5, n - 0.5)
+        heat.set_xticks(ticks)
+        heat.set_xticklabels([labels[i] for i in ticks], rotation=90, fontsize=7)
+        heat.set_yticks(ticks)
+        heat.set_yticklabels([labels[i] for i in ticks], fontsize=7)
+        if route is not None:
+            for tick_labels in (heat.get_xticklabels(), heat.get_yticklabels()):
+                for i, label in zip(ticks, tick_labels, strict=True):
+                    label.set_color(ON_COLOUR if on[i] else "gray")
+        heat.set_xlabel("key (past behavior)")
+        heat.set_ylabel("query (position)")
+    if image is not None:
+        fig.colorbar(image, ax=axes[1, :].tolist(), shrink=0.8, label="attention")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path

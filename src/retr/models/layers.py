@@ -1,0 +1,278 @@
+"""Small blocks shared by the sequential recommenders, kept here so each model file reads alone.
+
+Every block takes left-padded inputs together with ``real`` [B, N] (True at real tokens,
+False at padding id 0). Padding never serves as a key and its query outputs are zeroed, so a
+padding position can never change a real one, and an all-padding row stays finite.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retr.models.base import ModelOutput
+from retr.models.pathway import PathwayAttention, PathwayRouter, RouterOptions
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters, e.g. to check that the router is light."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _init_weight(tensor: torch.Tensor, scheme: str, std: float) -> None:
+    if scheme == "xavier":
+        nn.init.xavier_uniform_(tensor)  # Glorot uniform, TensorFlow's default (official SASRec)
+    else:
+        nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)  # BERT's truncated normal
+
+
+def init_weights(root: nn.Module, scheme: str = "normal", std: float = 0.02,
+                 embedding_std: float | None = None) -> None:
+    """Initialise Linear / Embedding / LayerNorm under ``root`` (biases 0, LayerNorm 1 and 0).
+
+    ``ItemEmbedding`` subtrees are skipped: the item encoder owns its initialisation (it may be
+    a pretrained text encoder). Pathway routers, too, keep their own (see
+    ``PathwayRouter.reset_parameters``). ``embedding_std`` overrides the scheme for the other
+    embeddings (positions).
+    """
+
+    def visit(module: nn.Module) -> None:
+        if isinstance(module, ItemEmbedding):
+            return
+        if isinstance(module, PathwayRouter):
+            module.reset_parameters()
+            return
+        for child in module.children():
+            visit(child)
+        if isinstance(module, nn.Linear):
+            _init_weight(module.weight, scheme, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            if embedding_std is None:
+                _init_weight(module.weight, scheme, std)
+            else:
+                _init_weight(module.weight, "normal", embedding_std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    visit(root)
+
+
+class ItemEmbedding(nn.Module):
+    """The item representation module: the only way models see items.
+
+    Row 0 is padding (the zero vector, never updated); rows 1..n_items are the items; rows
+    n_items+1.. are extra special tokens (BERT4Rec's [mask]). Models call ``forward(ids)`` and
+    ``all_items()`` only, so another encoder (e.g. from item text) can replace this one without
+    touching any model file.
+    """
+
+    def __init__(self, n_items: int, dim: int, n_special: int = 0, init: str = "normal",
+                 std: float = 0.02) -> None:
+        super().__init__()
+        self.n_items = n_items
+        self.n_special = n_special
+        self.dim = dim
+        self.init = init
+        self.std = std
+        self.table = nn.Embedding(n_items + 1 + n_special, dim, padding_idx=0)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_weight(self.table.weight, self.init, self.std)
+        with torch.no_grad():
+            self.table.weight[0].zero_()
+
+    def special_id(self, k: int = 0) -> int:
+        """Id of the k-th special token (after the items)."""
+        if not 0 <= k < self.n_special:
+            raise IndexError(f"special token {k} of {self.n_special}")
+        return self.n_items + 1 + k
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """[..., d] vectors of ``ids`` (padding -> 0)."""
+        return self.table(ids)
+
+    def all_items(self) -> torch.Tensor:
+        """[n_items + 1, d]: row i is item i (row 0 = padding); special tokens excluded."""
+        return self.table.weight[: self.n_items + 1]
+
+
+class PositionalEmbedding(nn.Module):
+    """Learnable positions P ∈ R^{max_len×d}, aligned to the right end of the window.
+
+    The most recent item always gets row max_len-1, the one before it max_len-2, ..., so a
+    history is encoded the same way whatever the window length or amount of left padding (with
+    N = max_len this is exactly the usual absolute position of the padded window).
+    """
+
+    def __init__(self, max_len: int, dim: int) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.table = nn.Embedding(max_len, dim)
+
+    def forward(self, n: int) -> torch.Tensor:
+        """[n, d] positions of a window of length n."""
+        if n > self.max_len:
+            raise ValueError(f"sequence length {n} exceeds max_len {self.max_len}; "
+                             "cut histories to the most recent max_len items")
+        return self.table.weight[self.max_len - n:]
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN(x) = Dropout(W2 Dropout(act(W1 x + b1)) + b2)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float, activation: str = "relu") -> None:
+        super().__init__()
+        if activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act: nn.Module = nn.ReLU() if activation == "relu" else nn.GELU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))  # [B, N, d]
+
+
+def attention_mask(real: torch.Tensor, causal: bool) -> torch.Tensor:
+    """[B, 1, N, N] bool, True where query q may read key k.
+
+    Keys must be real tokens (and k <= q when causal). A padding query may read only itself:
+    it would otherwise have no key at all (a NaN softmax); its output is zeroed afterwards.
+    """
+    n = real.shape[1]
+    allowed = real[:, None, None, :]  # [B, 1, 1, N] real keys
+    if causal:
+        future = torch.ones(n, n, dtype=torch.bool, device=real.device).tril()  # [N, N] k <= q
+        allowed = allowed & future  # [B, 1, N, N]
+    eye = torch.eye(n, dtype=torch.bool, device=real.device)  # [N, N]
+    return torch.where(real[:, None, :, None], allowed, eye)  # [B, 1, N, N]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product attention, queries and keys/values from separate inputs.
+
+    head_m = Softmax(Q_m K_m^T / sqrt(d/h)) V_m, heads concatenated to d, then W_O when
+    ``out_proj`` (BERT4Rec, the original Transformer); SASRec's official code and the RETR
+    spec concatenate without W_O. The fast path is ``scaled_dot_product_attention``; explicit
+    weights are computed only when asked for.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float, causal: bool,
+                 out_proj: bool = True) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"hidden size {dim} must be divisible by the number of heads {heads}")
+        self.heads = heads
+        self.causal = causal
+        self.dropout = dropout
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.out: nn.Module = nn.Linear(dim, dim) if out_proj else nn.Identity()
+
+    def forward(self, query_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
+                output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (output [B, N, d], weights [B, h, N, N] or None); padding query rows are 0."""
+        b, n, d = query_in.shape
+        h, dh = self.heads, d // self.heads
+        q = self.query(query_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
+        k = self.key(kv_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
+        v = self.value(kv_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
+        allowed = attention_mask(real, self.causal)  # [B, 1, N, N]
+        p = self.dropout if self.training else 0.0
+        weights: torch.Tensor | None = None
+        if output_attentions:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(dh)  # [B, h, N, N]
+            probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, h, N, N]
+            y = F.dropout(probs, p, self.training) @ v  # [B, h, N, d/h]
+            weights = probs * real[:, None, :, None]  # padding queries have no distribution
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+        y = y.transpose(1, 2).reshape(b, n, d) * real.unsqueeze(-1)  # [B, N, d] concat heads
+        return self.out(y), weights
+
+
+class BlockOutput(NamedTuple):
+    x: torch.Tensor  # [B, N, d] block output
+    route: torch.Tensor | None  # [B, N] R^l (pathway attention) or the unchanged input route
+    attention: torch.Tensor | None  # [B, h, N, N] when asked
+    keep_prob: torch.Tensor | None  # [B, N] α (pathway attention) when asked
+
+
+class TransformerBlock(nn.Module):
+    """One transformer layer with self-attention or pathway attention.
+
+    norm="post" (original Transformer, BERT4Rec, RETR spec "Block l"):
+        Ẑ = LN(Z + Dropout(Attn(Z)));  Z' = LN(Ẑ + FFN(Ẑ))
+    norm="pre" (the official SASRec code, exactly): only the queries are layer-normed, keys
+    and values read the raw input, the residual starts from the normed queries, and there is
+    no dropout on the attention output (only on its weights):
+        Q = LN(Z);  Ẑ = Q + Attn(Q, Z);  H = LN(Ẑ);  Z' = H + FFN(H)
+    With attention="pathway" the router reads the query input (Z, or LN(Z) in "pre").
+    """
+
+    def __init__(self, dim: int, heads: int, ffn_size: int, dropout: float, causal: bool,
+                 attention: str = "self", norm: str = "post", activation: str = "relu",
+                 out_proj: bool = True, eps: float = 1e-5,
+                 router: RouterOptions | None = None) -> None:
+        super().__init__()
+        if attention not in ("self", "pathway"):
+            raise ValueError(f"attention must be 'self' or 'pathway', got {attention!r}")
+        if norm not in ("post", "pre"):
+            raise ValueError(f"norm must be 'post' or 'pre', got {norm!r}")
+        self.norm = norm
+        mha = MultiHeadAttention(dim, heads, dropout, causal, out_proj)
+        self.attn: nn.Module = mha
+        if attention == "pathway":
+            self.attn = PathwayAttention(mha, PathwayRouter(dim, router or RouterOptions()))
+        self.ln1 = nn.LayerNorm(dim, eps=eps)
+        self.ln2 = nn.LayerNorm(dim, eps=eps)
+        self.ffn = FeedForward(dim, ffn_size, dropout, activation)
+        self.dropout = nn.Dropout(dropout)
+
+    def _attend(self, q_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
+                route: torch.Tensor | None, output_attentions: bool) -> tuple[
+                    torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        if isinstance(self.attn, PathwayAttention):
+            if route is None:
+                route = real.to(q_in.dtype)  # R^0 = 1 on every real token
+            return self.attn(q_in, kv_in, real, route, output_attentions)
+        out, weights = self.attn(q_in, kv_in, real, output_attentions)
+        return out, weights, route, None
+
+    def forward(self, x: torch.Tensor, real: torch.Tensor, route: torch.Tensor | None = None,
+                output_attentions: bool = False) -> BlockOutput:
+        """x [B, N, d], real [B, N], route R^{l-1} [B, N] (pathway) -> BlockOutput."""
+        if self.norm == "post":
+            a, weights, route, keep = self._attend(x, x, real, route, output_attentions)
+            x = self.ln1(x + self.dropout(a))  # [B, N, d] Ẑ = LN(Attn(Z) + Z)
+            x = self.ln2(x + self.ffn(x))  # [B, N, d] Z' = LN(FFN(Ẑ) + Ẑ)
+        else:
+            q = self.ln1(x)  # [B, N, d] layer-normed queries
+            a, weights, route, keep = self._attend(q, x, real, route, output_attentions)
+            x = q + a  # [B, N, d]
+            h = self.ln2(x)  # [B, N, d]
+            x = h + self.ffn(h)  # [B, N, d]
+        if not output_attentions:
+            keep = None
+        return BlockOutput(x, route, weights, keep)
+
+
+def collect_output(hidden: torch.Tensor, blocks: list[BlockOutput],
+                   output_attentions: bool) -> ModelOutput:
+    """ModelOutput with per-layer attentions, routes and keep probabilities when asked."""
+    if not output_attentions:
+        return ModelOutput(hidden=hidden)
+    attentions = [b.attention for b in blocks if b.attention is not None]
+    routes = [b.route for b in blocks if b.route is not None]
+    keep_probs = [b.keep_prob for b in blocks if b.keep_prob is not None]
+    return ModelOutput(hidden=hidden, attentions=attentions, routes=routes or None,
+                       keep_probs=keep_probs or None)

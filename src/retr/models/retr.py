@@ -1,0 +1,112 @@
+"""RETR, the Recommender Transformer with behavior pathways (see docs/METHOD.md).
+
+    X = E[s] + P,  Z^0 = X,  R^0 = 1 on real tokens                  "Inputs"
+    Ẑ^l, R^l = PathMSA(Z^{l-1}, R^{l-1})                               "Block l", pathway.py
+    Ẑ^l = LN(Ẑ^l + Z^{l-1});  Z^l = LN(FFN(Ẑ^l) + Ẑ^l)                "Block l" (post-LN)
+    score(k, t) = e_k · Z^L_t  (E shared between input and output)     "Prediction and loss"
+
+The loss (BPR with one sampled negative per step in the paper; CE also works) lives in
+``retr.training.losses``. Every ablation of the paper is a config switch (see RETRConfig).
+
+Choices the paper leaves open (besides the router's, documented in pathway.py): no output
+projection after the heads (the spec concatenates them), ReLU FFN of width ``ffn_size``,
+dropout on X, attention weights, attention output and FFN, LayerNorm eps 1e-8 (as SASRec).
+Initialisation: truncated N(0, init_std²) for every embedding and Linear layer (BERT-style),
+except the router, which initialises itself (pathway.py). On the synthetic pathway data this
+learns much faster than Glorot layers or unit-norm item vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from retr.errors import ConfigError
+from retr.models.base import ModelOutput, SequentialRecommender
+from retr.models.layers import (
+    ItemEmbedding,
+    PositionalEmbedding,
+    TransformerBlock,
+    collect_output,
+    init_weights,
+)
+from retr.models.pathway import RouterOptions
+
+
+@dataclass
+class RETRConfig:
+    """RETR hyper-parameters; defaults follow the paper's recipe where it gives one."""
+
+    hidden_size: int = 256  # d (paper: 256)
+    num_heads: int = 4  # h (paper: 4; ablation 1, 2, 4, 8)
+    num_layers: int = 2  # L (paper: 2; ablation 1-4)
+    max_len: int = 200  # N (paper: 200 on MovieLens-1M, 100 elsewhere)
+    ffn_size: int = 256  # FFN inner width (paper silent; = d as in SASRec)
+    dropout: float = 0.2  # embedding, attention-weight and residual dropout (paper silent)
+    router: str = "learned"  # "learned" | "random" (ablation "w/o router": random keep/drop)
+    random_keep_prob: float = 0.5  # keep probability of the random router
+    hierarchical: bool = True  # R^l = R̂^l ⊙ R^{l-1}; False = ablation "w/o hierarchical"
+    gumbel: str = "adaptive"  # "adaptive" (learned ω) | "fixed" (standard Gumbel-Softmax)
+    tau: float = 1.0  # τ of the fixed Gumbel-Softmax (paper's ablation: 0.2 ... 2)
+    pooling: str = "causal"  # router pool: "causal" prefix (ours) | "global" (paper, leaks)
+    inference_route: str = "deterministic"  # "deterministic" | "sample" (for analysis)
+    router_hidden: int = 64  # hidden width of the router MLPs (keeps the router light)
+    init_std: float = 0.02  # std of the truncated-normal initialisation (paper silent)
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_heads", "num_layers", "max_len", "ffn_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                              f"model.num_heads ({self.num_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        RouterOptions.from_config(self)  # validates the router switches
+
+
+class RETR(SequentialRecommender):
+    """Causal next-item transformer whose blocks use pathway attention (post-LN)."""
+
+    name: ClassVar[str] = "retr"
+    objective: ClassVar[str] = "next"
+    causal: ClassVar[bool] = True
+
+    def __init__(self, n_items: int, config: RETRConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or RETRConfig()
+        self.n_items = n_items
+        self.max_len = cfg.max_len
+        d = cfg.hidden_size
+        router = RouterOptions.from_config(cfg)
+        self.item_embedding = ItemEmbedding(n_items, d, std=cfg.init_std)  # E
+        self.position = PositionalEmbedding(cfg.max_len, d)  # P
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(d, cfg.num_heads, cfg.ffn_size, cfg.dropout, causal=True,
+                             attention="pathway", norm="post", activation="relu",
+                             out_proj=False, eps=1e-8, router=router)
+            for _ in range(cfg.num_layers))
+        init_weights(self, "normal", cfg.init_std)
+
+    def forward(self, seqs: torch.Tensor, output_attentions: bool = False) -> ModelOutput:
+        real = seqs != 0  # [B, N] padding never routed, pooled or attended
+        # Inputs: X = E[s] + P, Z^0 = X (padding rows zeroed), R^0 = 1 on real tokens
+        z = self.item_embedding(seqs) + self.position(seqs.shape[1])  # [B, N, d]
+        mask = real.unsqueeze(-1).to(z.dtype)  # [B, N, 1]
+        z = self.dropout(z) * mask  # [B, N, d]
+        route = real.to(z.dtype)  # [B, N] R^0
+        # Blocks l = 1..L: Ẑ, R^l = PathMSA(Z, R^{l-1}); post-LN residuals and FFN
+        outs = []
+        for block in self.blocks:
+            out = block(z, real, route, output_attentions)
+            z, route = out.x, out.route  # [B, N, d], [B, N]
+            outs.append(out)
+        hidden = z * mask  # [B, N, d] Z^L; score(k, t) = e_k · Z^L_t
+        return collect_output(hidden, outs, output_attentions)
+
+    def item_representation(self, items: torch.Tensor) -> torch.Tensor:
+        return self.item_embedding(items)  # [..., d] e_k, the input table itself

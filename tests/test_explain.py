@@ -1,0 +1,102 @@
+"""Explanations: JSON shape, routes equal to the model's own, PNG written, item titles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retr.cli import main
+from retr.data.dataset import Vocabulary
+from retr.explain import draw_pathway, explain_history, item_titles
+from retr.serving import Recommender
+
+TINY = "synthetic:n_users=150,n_items=150,n_themes=10,min_len=10,max_len=16,seed=1"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _model_or_skip(name: str, **config: object) -> Recommender:
+    try:
+        from retr.models import build_model
+
+        model = build_model(name, 30, dict(config))
+    except Exception as exc:  # the model may not exist yet in this checkout
+        pytest.skip(f"model {name!r} unavailable: {exc}")
+    torch.manual_seed(0)
+    vocab = Vocabulary(users=[], items=[f"m{i}" for i in range(30)])
+    return Recommender(model, vocab, name)
+
+
+@pytest.fixture(scope="module")
+def retr_rec() -> Recommender:
+    return _model_or_skip("retr", hidden_size=16, num_heads=2, num_layers=3, max_len=8,
+                          ffn_size=16, router_hidden=8)
+
+
+def test_explain_shape_and_routes_match_model(retr_rec, tmp_path):
+    history = [f"m{i}" for i in (3, 1, 4, 1, 5, 9, 2, 6, 5, 3)]
+    out = explain_history(retr_rec, history, k=4)
+    n = retr_rec.window
+    assert out["items"] == history[-n:] and out["truncated"] and out["has_router"]
+    assert len(out["layers"]) == 3 and len(out["recommendations"]) == 4
+    enc = retr_rec.encode(history)
+    with torch.no_grad():
+        own = retr_rec.model(retr_rec.padded([enc]), output_attentions=True)
+    for layer, route, keep in zip(out["layers"], own.routes, own.keep_probs, strict=True):
+        assert layer["route"] == route[0, -n:].round().int().tolist()
+        np.testing.assert_allclose(layer["keep_prob"], keep[0, -n:].numpy(), atol=1e-5)
+        att = np.array(layer["attention"])
+        assert att.shape == (n, n)
+        np.testing.assert_allclose(att.sum(1), 1.0, atol=1e-4)  # every real query row
+        assert np.allclose(np.triu(att, 1), 0.0)  # causal
+        assert layer["pathway"] == [t for t, r in zip(out["tokens"], layer["route"], strict=True) if r]
+    # hierarchical routes: a token dropped once stays dropped
+    routes = np.array([layer["route"] for layer in out["layers"]])
+    assert (np.diff(routes, axis=0) <= 0).all()
+    assert [r["item"] for r in out["recommendations"]] == retr_rec.recommend(history, k=4).items
+    png = draw_pathway(out, tmp_path / "pathway.png")
+    assert png.read_bytes()[:8] == PNG
+
+
+def test_explain_attention_only_and_cloze(tmp_path):
+    sasrec = _model_or_skip("sasrec", hidden_size=16, num_heads=2, max_len=6)
+    out = explain_history(sasrec, ["m1", "m2", "m3"], k=2)
+    assert not out["has_router"] and all(layer["route"] is None for layer in out["layers"])
+    assert np.array(out["layers"][0]["attention"]).shape == (3, 3)
+    assert draw_pathway(out, tmp_path / "s.png").read_bytes()[:8] == PNG
+    bert = _model_or_skip("bert4rec", hidden_size=16, num_heads=2, max_len=6)
+    out = explain_history(bert, [f"m{i}" for i in range(8)], k=2)
+    assert out["tokens"][-1] == "[mask]" and len(out["items"]) == bert.window == 5
+    assert np.array(out["layers"][0]["attention"]).shape == (6, 6)
+
+
+def test_explain_pop_has_no_layers(tmp_path):
+    run = tmp_path / "pop"
+    assert main(["train", "--data", TINY, "--model", "pop", "--out", str(run),
+                 "--set", "train.progress=false"]) == 0
+    rec = Recommender.load(run)
+    out = explain_history(rec, rec.vocab.items[:3], k=3)
+    assert out["layers"] == [] and len(out["recommendations"]) == 3
+    assert draw_pathway(out, tmp_path / "pop.png").read_bytes()[:8] == PNG
+
+
+def test_item_titles(tmp_path: Path):
+    (tmp_path / "ml-100k").mkdir()
+    (tmp_path / "ml-100k" / "u.item").write_bytes(
+        "1|Toy Story (1995)|01-Jan-1995||url|0\n2|Café (1995)|x\n".encode("latin-1"))
+    assert item_titles("ml-100k", tmp_path) == {"1": "Toy Story (1995)", "2": "Café (1995)"}
+    (tmp_path / "ml-1m").mkdir()
+    (tmp_path / "ml-1m" / "movies.dat").write_text("3186::Girl, Interrupted (1999)::Drama\n")
+    assert item_titles("ml-1m", tmp_path) == {"3186": "Girl, Interrupted (1999)"}
+    (tmp_path / "Office").mkdir()
+    (tmp_path / "Office" / "Office.item2index").write_text("B001\t1\nB002\t2\n")
+    (tmp_path / "Office" / "Office.text").write_text("id\ttext\nB001\tStapler Red\n")
+    assert item_titles("office", tmp_path) == {"1": "Stapler Red"}
+    assert item_titles("synthetic:n_users=5", tmp_path) == {}
+    assert item_titles("beauty", tmp_path) == {}
+    assert item_titles("ml-100k", tmp_path / "empty") == {}
+    rec = _model_or_skip("sasrec", hidden_size=16, num_heads=2, max_len=6)
+    out = explain_history(rec, ["m1", "m2"], k=1, titles={"m1": "First movie"})
+    assert out["labels"] == ["First movie", "m2"]

@@ -1,0 +1,447 @@
+"""Correctness tests of the models: causality, padding, routes, attention, ablations, overfit."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retr.errors import ConfigError
+from retr.models import MODELS, build_model, config_class, model_names
+from retr.models.base import SequentialRecommender
+from retr.models.bert4rec import BERT4Rec, cloze_batch
+from retr.models.layers import MultiHeadAttention, count_parameters
+from retr.models.pathway import (
+    PathwayAttention,
+    PathwayRouter,
+    RouterOptions,
+    pool_on_route,
+    straight_through_gumbel,
+)
+from retr.models.retr import RETR, RETRConfig
+from retr.models.sasrec import SASRecConfig
+
+N_ITEMS, N, D = 30, 12, 16
+ROUTER = dict(router_hidden=8)
+TINY: dict[str, tuple[str, dict[str, Any]]] = {
+    "retr": ("retr", dict(hidden_size=D, num_heads=2, num_layers=2, max_len=16, ffn_size=D,
+                          **ROUTER)),
+    "sasrec": ("sasrec", dict(hidden_size=D, num_heads=2, num_layers=2, max_len=16)),
+    "sasrec_pathway": ("sasrec", dict(hidden_size=D, num_heads=2, num_layers=2, max_len=16,
+                                      attention="pathway", **ROUTER)),
+    "gru4rec": ("gru4rec", dict(embedding_size=D, hidden_size=D, max_len=16)),
+    "bert4rec": ("bert4rec", dict(hidden_size=D, num_heads=2, num_layers=2, max_len=16,
+                                  ffn_size=4 * D)),
+    "bert4rec_pathway": ("bert4rec", dict(hidden_size=D, num_heads=2, num_layers=2, max_len=16,
+                                          ffn_size=4 * D, attention="pathway", **ROUTER)),
+}
+CAUSAL = ["retr", "sasrec", "sasrec_pathway", "gru4rec"]
+TRANSFORMERS = ["retr", "sasrec", "sasrec_pathway", "bert4rec", "bert4rec_pathway"]
+PATHWAY = ["retr", "sasrec_pathway", "bert4rec_pathway"]
+
+
+def tiny(key: str, seed: int = 0, **overrides: Any) -> Any:
+    name, fields = TINY[key]
+    torch.manual_seed(seed)
+    return build_model(name, N_ITEMS, {**fields, **overrides})
+
+
+def batch(seed: int = 0) -> torch.Tensor:
+    """[4, N] left-padded histories of lengths N, 7, 3 and 1."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.randint(1, N_ITEMS + 1, (4, N), generator=g)
+    for row, length in enumerate((N, 7, 3, 1)):
+        seqs[row, : N - length] = 0
+    return seqs
+
+
+def run(model: SequentialRecommender, seqs: torch.Tensor, seed: int | None = None,
+        attentions: bool = True) -> Any:
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model(seqs, output_attentions=attentions)
+
+
+def change_at(seqs: torch.Tensor, j: int) -> torch.Tensor:
+    """Replace every real item at position j by a different real item."""
+    out = seqs.clone()
+    out[:, j] = torch.where(seqs[:, j] > 0, seqs[:, j] % N_ITEMS + 1, seqs[:, j])
+    return out
+
+
+def assert_prefix_equal(a: Any, b: Any, j: int) -> None:
+    torch.testing.assert_close(a.hidden[:, :j], b.hidden[:, :j], rtol=0, atol=1e-5)
+    for name in ("attentions", "routes", "keep_probs"):
+        for x, y in zip(getattr(a, name) or [], getattr(b, name) or [], strict=True):
+            torch.testing.assert_close(x[..., :j, :] if x.dim() == 4 else x[:, :j],
+                                       y[..., :j, :] if y.dim() == 4 else y[:, :j],
+                                       rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- causality and padding
+
+
+@pytest.mark.parametrize("key", CAUSAL)
+def test_causal_models_never_look_ahead_eval(key: str) -> None:
+    model = tiny(key).eval()
+    seqs = batch()
+    with torch.no_grad():
+        base = run(model, seqs)
+        for j in range(N):
+            changed = run(model, change_at(seqs, j))
+            assert_prefix_equal(base, changed, j)
+            assert not torch.allclose(base.hidden[0, j], changed.hidden[0, j])
+
+
+@pytest.mark.parametrize("key", ["retr", "sasrec_pathway"])
+def test_causal_in_training_mode_with_router_and_dropout(key: str) -> None:
+    model = tiny(key, dropout=0.3).train()
+    seqs = batch()
+    with torch.no_grad():
+        base = run(model, seqs, seed=7)
+        for j in range(1, N):
+            assert_prefix_equal(base, run(model, change_at(seqs, j), seed=7), j)
+
+
+def test_global_pooling_leaks_the_future_into_earlier_routes() -> None:
+    """The paper's literal pool lets item j change α_t for t < j; the causal pool does not."""
+    seqs = batch()
+    j = N - 1
+    for pooling, leaks in (("global", True), ("causal", False)):
+        model = tiny("retr", pooling=pooling).eval()
+        with torch.no_grad():
+            a, b = run(model, seqs), run(model, change_at(seqs, j))
+        same = all(torch.allclose(x[:, :j], y[:, :j], atol=1e-6)
+                   for x, y in zip(a.keep_probs, b.keep_probs, strict=True))
+        assert same is not leaks, pooling
+
+
+@pytest.mark.parametrize("key", list(TINY))
+def test_more_left_padding_changes_nothing(key: str) -> None:
+    model = tiny(key).eval()
+    seqs = batch()
+    longer = torch.cat([torch.zeros(4, 4, dtype=seqs.dtype), seqs], dim=1)  # [4, N + 4]
+    with torch.no_grad():
+        a, b = run(model, seqs), run(model, longer)
+        torch.testing.assert_close(a.hidden, b.hidden[:, 4:], rtol=0, atol=1e-5)
+        # BERT4Rec's appended [mask] pushes the oldest item of a full window (row 0) out
+        rows = slice(1, None) if key.startswith("bert4rec") else slice(None)
+        torch.testing.assert_close(model.user_representation(seqs)[rows],
+                                   model.user_representation(longer)[rows], rtol=0, atol=1e-5)
+    for x, y in zip(a.routes or [], b.routes or [], strict=True):
+        assert torch.equal(x, y[:, 4:])
+
+
+@pytest.mark.parametrize("key", list(TINY))
+@pytest.mark.parametrize("training", [False, True])
+def test_all_padding_rows_are_finite(key: str, training: bool) -> None:
+    model = tiny(key).train(training)
+    seqs = batch()
+    seqs[2] = 0
+    for attentions in (False, True):
+        out = run(model, seqs, seed=0, attentions=attentions)
+        assert torch.isfinite(out.hidden).all()
+        assert torch.isfinite(model.user_representation(seqs)).all()
+        for name in ("attentions", "routes", "keep_probs"):
+            assert all(torch.isfinite(x).all() for x in getattr(out, name) or [])
+        for r in out.routes or []:
+            assert r[2].abs().sum() == 0
+
+
+# ---------------------------------------------------------------- outputs and attention
+
+
+@pytest.mark.parametrize("key", list(TINY))
+def test_output_shapes_and_attentions_only_when_asked(key: str) -> None:
+    model = tiny(key).eval()
+    seqs = batch()
+    with torch.no_grad():
+        plain = run(model, seqs, attentions=False)
+        full = run(model, seqs)
+    assert plain.attentions is None and plain.routes is None and plain.keep_probs is None
+    torch.testing.assert_close(plain.hidden, full.hidden, rtol=0, atol=1e-5)  # fast == explicit
+    width = D + 1 if key.startswith("bert4rec") else D
+    assert plain.hidden.shape == (4, N, width)
+    assert model.item_representation(torch.tensor([[1, 2, 3]])).shape == (1, 3, width)
+    assert model.user_representation(seqs).shape == (4, width)
+    if key in TRANSFORMERS:
+        assert full.attentions is not None and len(full.attentions) == 2
+        assert all(a.shape == (4, 2, N, N) for a in full.attentions)
+    if key in PATHWAY:
+        assert len(full.routes) == 2 and all(r.shape == (4, N) for r in full.routes)
+        assert len(full.keep_probs) == 2 and all(p.shape == (4, N) for p in full.keep_probs)
+    else:
+        assert full.routes is None and full.keep_probs is None
+
+
+@pytest.mark.parametrize("key", TRANSFORMERS)
+def test_attention_rows_are_distributions_over_allowed_keys(key: str) -> None:
+    model = tiny(key).eval()
+    seqs = batch()
+    real = seqs != 0
+    with torch.no_grad():
+        out = run(model, seqs)
+    allowed = real[:, None, None, :].expand(4, 1, N, N)  # [B, 1, N, N] real keys
+    if model.causal:
+        allowed = allowed & torch.ones(N, N, dtype=torch.bool).tril()
+    for w in out.attentions:
+        sums = w.sum(-1)  # [B, h, N]
+        torch.testing.assert_close(sums[real[:, None, :].expand_as(sums)],
+                                   torch.ones(int(real.sum()) * 2))
+        assert (w.masked_select(~allowed.expand_as(w)) == 0).all()  # future and padding keys
+        assert (w.masked_select(~real[:, None, :, None].expand_as(w)) == 0).all()  # pad queries
+
+
+def test_off_route_query_equals_attention_with_zero_query() -> None:
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(D, 2, 0.0, causal=True, out_proj=False)
+    router = PathwayRouter(D, RouterOptions(router="random", random_keep_prob=0.5))
+    layer = PathwayAttention(mha, router).eval()
+    z = torch.randn(4, N, D)
+    real = batch() != 0
+    with torch.no_grad():
+        out, _, route, _ = layer(z, z, real, real.float())
+        plain, _ = mha(z, z, real)  # every query on the route
+        zero, _ = mha(torch.zeros_like(z), z, real)  # every query built from the zero vector
+    on, off = route.bool(), real & ~route.bool()
+    assert on.any() and off.any()
+    torch.testing.assert_close(out[on], plain[on])
+    torch.testing.assert_close(out[off], zero[off])
+
+
+# ---------------------------------------------------------------- routes
+
+
+@pytest.mark.parametrize("key", PATHWAY)
+@pytest.mark.parametrize("training", [False, True])
+def test_routes_binary_hierarchical_and_never_on_padding(key: str, training: bool) -> None:
+    model = tiny(key).train(training)
+    seqs = batch()
+    real = seqs != 0
+    out = run(model, seqs, seed=3)
+    prev = real.float()
+    for r, p in zip(out.routes, out.keep_probs, strict=True):
+        assert ((r == 0) | (r == 1)).all()
+        assert (r <= prev).all()  # R^l = R̂^l ⊙ R^{l-1}
+        assert (r[~real] == 0).all() and (p[~real] == 0).all()
+        assert ((p >= 0) & (p <= 1)).all()
+        prev = r
+
+
+def test_inference_route_deterministic_and_sample_option() -> None:
+    seqs = batch()
+    model = tiny("retr").eval()
+    with torch.no_grad():
+        a, b = run(model, seqs, seed=1), run(model, seqs, seed=2)
+    assert all(torch.equal(x, y) for x, y in zip(a.routes, b.routes, strict=True))
+    torch.testing.assert_close(a.hidden, b.hidden, rtol=0, atol=0)
+    # deterministic rule: keep iff α >= 1/2 (ω > 0 at initialisation)
+    assert torch.equal(a.routes[0], ((a.keep_probs[0] >= 0.5) & (seqs != 0)).float())
+    sampler = tiny("retr", inference_route="sample").eval()
+    with torch.no_grad():
+        c, d = run(sampler, seqs, seed=1), run(sampler, seqs, seed=2)
+    assert not all(torch.equal(x, y) for x, y in zip(c.routes, d.routes, strict=True))
+
+
+def next_item_loss(model: SequentialRecommender, seqs: torch.Tensor) -> torch.Tensor:
+    """Plain cross-entropy next-item loss on the shifted sequence (inputs s_{<N}, targets s_{>1})."""
+    inputs, targets = seqs[:, :-1], seqs[:, 1:]
+    h = model(inputs).hidden  # [B, N-1, d]
+    logits = h @ model.item_representation(torch.arange(N_ITEMS + 1)).T  # [B, N-1, n+1]
+    keep = (inputs > 0) & (targets > 0)
+    return F.cross_entropy(logits[keep], targets[keep])
+
+
+@pytest.mark.parametrize("key", ["retr", "sasrec_pathway"])
+def test_straight_through_gradients_reach_the_router(key: str) -> None:
+    model = tiny(key).train()
+    seqs = torch.randint(1, N_ITEMS + 1, (16, N), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    next_item_loss(model, seqs).backward()
+    for block in model.blocks:
+        router = block.attn.router
+        for part in ("context_mlp", "keep_mlp", "omega_mlp"):
+            grads = [p.grad for p in getattr(router, part).parameters()]
+            assert all(g is not None and g.abs().sum() > 0 for g in grads), part
+
+
+def test_straight_through_gumbel_forward_is_binary_and_omega_controls_sharpness() -> None:
+    log_pi = torch.log(torch.tensor([0.1, 0.9])).expand(20000, 1, 2)  # α = 0.9 everywhere
+    torch.manual_seed(0)
+    coin = straight_through_gumbel(0.0 * log_pi)  # ω = 0: pure noise, a fair coin
+    sharp = straight_through_gumbel(50.0 * log_pi)  # large ω: nearly always α >= 1/2
+    plain = straight_through_gumbel(1.0 * log_pi)  # ω = 1: keep with probability α
+    assert ((coin == 0) | (coin == 1)).all()
+    assert abs(coin.mean().item() - 0.5) < 0.02
+    assert sharp.mean().item() > 0.999
+    assert abs(plain.mean().item() - 0.9) < 0.02
+    scaled = (1.0 * log_pi[:4]).clone().requires_grad_(True)
+    straight_through_gumbel(scaled).sum().backward()
+    assert scaled.grad is not None and (scaled.grad[..., 1] > 0).all()  # ∂v_keep/∂ log α > 0
+
+
+def test_causal_prefix_pool_matches_its_definition() -> None:
+    z = torch.randn(2, 5, 3)
+    route = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.float)
+    pooled = pool_on_route(z, route, "causal")
+    for t in range(5):
+        w = route[0, : t + 1]
+        expect = (w[:, None] * z[0, : t + 1]).sum(0) / w.sum().clamp_min(1)
+        torch.testing.assert_close(pooled[0, t], expect)
+    assert (pooled[1] == 0).all()
+    glob = pool_on_route(z, route, "global")
+    torch.testing.assert_close(glob[0, 0], z[0, [1, 2, 4]].mean(0))
+
+
+# ---------------------------------------------------------------- ablation switches
+
+
+def test_random_router_ignores_input_and_has_no_parameters() -> None:
+    model = tiny("retr", router="random", random_keep_prob=0.7).train()
+    seqs = torch.randint(1, N_ITEMS + 1, (4, N), generator=torch.Generator().manual_seed(1))
+    other = torch.randint(1, N_ITEMS + 1, (4, N), generator=torch.Generator().manual_seed(2))
+    a, b = run(model, seqs, seed=5), run(model, other, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.routes, b.routes, strict=True))
+    assert all(torch.allclose(p, torch.full_like(p, 0.7)) for p in a.keep_probs)
+    assert all(count_parameters(blk.attn.router) == 0 for blk in model.blocks)
+
+
+def test_hierarchical_off_allows_reentry() -> None:
+    seqs = torch.randint(1, N_ITEMS + 1, (8, N), generator=torch.Generator().manual_seed(0))
+    flat = tiny("retr", router="random", hierarchical=False).train()
+    out = run(flat, seqs, seed=0)
+    assert ((out.routes[0] == 0) & (out.routes[1] == 1)).any()  # dropped, then back
+    tree = tiny("retr", router="random", hierarchical=True).train()
+    out = run(tree, seqs, seed=0)
+    assert not ((out.routes[0] == 0) & (out.routes[1] == 1)).any()
+
+
+def test_fixed_tau_changes_gradients_not_samples() -> None:
+    """argmax((log π + G)/τ) does not depend on τ; the relaxed v (the gradient) does."""
+    seqs = torch.randint(1, N_ITEMS + 1, (8, N), generator=torch.Generator().manual_seed(0))
+    cold = tiny("retr", gumbel="fixed", tau=0.5).train()
+    hot = tiny("retr", gumbel="fixed", tau=2.0).train()
+    hot.load_state_dict(cold.state_dict())
+    assert all(blk.attn.router.omega_mlp is None for blk in cold.blocks)
+    grads = []
+    for model in (cold, hot):
+        torch.manual_seed(0)
+        out = model(seqs[:, :-1], output_attentions=True)
+        torch.manual_seed(0)
+        next_item_loss(model, seqs).backward()
+        grads.append(model.blocks[0].attn.router.keep_mlp[0].weight.grad)
+        if model is cold:
+            routes = out.routes
+    assert all(torch.equal(x, y) for x, y in zip(routes, out.routes, strict=True))
+    assert not torch.allclose(grads[0], grads[1], rtol=1e-2, atol=0)
+
+
+def test_adaptive_and_fixed_have_the_documented_parameters() -> None:
+    adaptive = tiny("retr")
+    fixed = tiny("retr", gumbel="fixed")
+    assert count_parameters(adaptive) - count_parameters(fixed) == 2 * (D * 8 + 8 + 8 + 1)
+
+
+# ---------------------------------------------------------------- BERT4Rec
+
+
+def test_cloze_batch_properties() -> None:
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(1, N_ITEMS + 1, (200, 50), generator=g)
+    lengths = torch.randint(0, 51, (200,), generator=g)
+    seqs[torch.arange(50)[None, :] < (50 - lengths)[:, None]] = 0
+    seqs[0], seqs[1, :-1] = 0, 0  # one empty row, one row with a single item
+    mask_id = N_ITEMS + 1
+    masked, labels = cloze_batch(seqs, mask_id, 0.2, torch.Generator().manual_seed(1))
+    again = cloze_batch(seqs, mask_id, 0.2, torch.Generator().manual_seed(1))
+    assert torch.equal(masked, again[0]) and torch.equal(labels, again[1])
+    is_masked = labels > 0
+    assert torch.equal(is_masked, masked == mask_id)
+    assert torch.equal(labels[is_masked], seqs[is_masked])
+    assert torch.equal(masked[~is_masked], seqs[~is_masked])
+    assert not is_masked[seqs == 0].any()  # padding never masked
+    nonempty = (seqs > 0).any(1)
+    assert is_masked[nonempty].any(1).all() and not is_masked[~nonempty].any()
+    assert abs(is_masked.sum().item() / (seqs > 0).sum().item() - 0.2) < 0.03
+    _, labels = cloze_batch(seqs, mask_id, 0.2, g, last_item_mask_prob=1.0)
+    expect = torch.zeros_like(is_masked)
+    expect[:, -1] = nonempty  # only the most recent item of each non-empty row
+    assert torch.equal(labels > 0, expect)
+
+
+def test_bert4rec_output_layer_and_mask_token() -> None:
+    model = tiny("bert4rec").eval()
+    assert isinstance(model, BERT4Rec) and model.mask_id == N_ITEMS + 1
+    seqs = batch()
+    masked, labels = model.cloze_batch(seqs, torch.Generator().manual_seed(0))
+    assert (masked[labels > 0] == N_ITEMS + 1).all()
+    with torch.no_grad():
+        h = model(seqs).hidden
+        assert (h[..., -1][seqs > 0] == 1).all()
+        appended = torch.cat([seqs[:, 1:], torch.full((4, 1), N_ITEMS + 1)], dim=1)
+        torch.testing.assert_close(model.user_representation(seqs), model(appended).hidden[:, -1])
+        items = torch.arange(1, N_ITEMS + 1)
+        scores = model.score_items(h[:, -1], items)  # GELU(hW+b) E^T + b^O
+        expect = h[:, -1, :-1] @ model.item_embedding(items).T + model.output_bias[items]
+        torch.testing.assert_close(scores, expect)
+
+
+# ---------------------------------------------------------------- learning
+
+
+@pytest.mark.parametrize("key", ["retr", "sasrec"])
+def test_overfits_a_handful_of_sequences(key: str) -> None:
+    """Six histories whose prefixes are all distinct: next-item CE must memorise them."""
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.stack([torch.randperm(N_ITEMS, generator=g)[:N] + 1 for _ in range(6)])
+    seqs[:, 0] = torch.arange(1, 7)  # distinct first items: every prefix has one answer
+    name, fields = TINY[key]
+    torch.manual_seed(0)
+    model = build_model(name, N_ITEMS, {**fields, "hidden_size": 32, "num_heads": 2,
+                                        "dropout": 0.0})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(100):
+        opt.zero_grad()
+        next_item_loss(model, seqs).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        h = model(seqs[:, :-1]).hidden
+        pred = (h @ model.item_representation(torch.arange(1, N_ITEMS + 1)).T).argmax(-1) + 1
+    assert (pred == seqs[:, 1:]).float().mean().item() >= 0.95
+
+
+# ---------------------------------------------------------------- registry and sizes
+
+
+def test_registry_builds_every_model_and_rejects_bad_configs() -> None:
+    assert set(model_names()) == {"pop", "retr", "sasrec", "bert4rec", "gru4rec"}
+    for name in model_names():
+        cfg_cls, model_cls = MODELS[name]
+        assert config_class(name) is cfg_cls and dataclasses.is_dataclass(cfg_cls)
+        model = build_model(name, N_ITEMS, cfg_cls())
+        assert isinstance(model, model_cls) and model.name == name
+        for f in dataclasses.fields(cfg_cls):
+            assert isinstance(getattr(cfg_cls(), f.name), int | float | str | bool)
+    with pytest.raises(ConfigError, match="valid names"):
+        build_model("nope", N_ITEMS)
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_model("retr", N_ITEMS, {"hidden": 8})
+    with pytest.raises(ConfigError, match="router"):
+        build_model("retr", N_ITEMS, {"router": "off"})
+    with pytest.raises(ConfigError, match="divisible"):
+        build_model("sasrec", N_ITEMS, {"hidden_size": 10, "num_heads": 4})
+    with pytest.raises(ConfigError):
+        build_model("retr", N_ITEMS, SASRecConfig())
+
+
+def test_router_is_light_at_paper_size() -> None:
+    retr = RETR(3416, RETRConfig())
+    sasrec = build_model("sasrec", 3416, SASRecConfig(hidden_size=256, num_heads=4,
+                                                      num_layers=2, max_len=200))
+    ratio = count_parameters(retr) / count_parameters(sasrec)
+    assert 1.0 < ratio < 1.1
