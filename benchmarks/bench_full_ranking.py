@@ -16,6 +16,7 @@ import resource
 import time
 
 import numpy as np
+import torch
 
 from retr.config import DataConfig
 from retr.data.dataset import SequenceDataset, Vocabulary
@@ -47,8 +48,11 @@ def main() -> None:
     p.add_argument("--users", type=int, default=20_000)
     p.add_argument("--seq-len", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--item-chunk", type=int, default=65536)
+    p.add_argument("--item-chunk", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if args.source == "catalogue":
         ds = big_catalogue(args.items, args.users, args.seq_len)
@@ -69,6 +73,7 @@ def main() -> None:
         "users_per_second": round(len(split.test) / secs, 1),
         "peak_rss_mb_before_eval": round(rss_before, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
         "batch_size": args.batch_size, "item_chunk": args.item_chunk,
+        "threads": torch.get_num_threads(),
         "HR@10": round(res["metrics"]["HR@10"], 4), "NDCG@10": round(res["metrics"]["NDCG@10"], 4),
     }, indent=2))
 

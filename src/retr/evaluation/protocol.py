@@ -33,7 +33,7 @@ class EvalConfig:
     negatives: int = 100
     negative_sampling: str = "uniform"
     batch_size: int = 256
-    item_chunk: int = 65536
+    item_chunk: int = 4096
     protocols: list[str] = field(default_factory=lambda: ["full", "sampled"])
 
     def __post_init__(self) -> None:

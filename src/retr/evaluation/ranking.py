@@ -62,7 +62,7 @@ def user_states(model: SequentialRecommender, dataset: SequenceDataset, users: n
 
 @torch.no_grad()
 def full_rank_counts(model: SequentialRecommender, dataset: SequenceDataset, examples: EvalExamples,
-                     exclude_history: bool = True, batch_size: int = 256, item_chunk: int = 65536,
+                     exclude_history: bool = True, batch_size: int = 256, item_chunk: int = 4096,
                      progress: bool = False) -> RankCounts:
     """Rank each target against every item (padding excluded; history excluded by default)."""
     model.eval()
@@ -103,8 +103,8 @@ def full_rank_counts(model: SequentialRecommender, dataset: SequenceDataset, exa
             if exclude_history:
                 sel = (items_t >= c0) & (items_t < c1)
                 s[rows_t[sel], items_t[sel] - c0] = torch.nan  # NaN compares False: not counted
-            g += (s > t_score).sum(1)
-            e += (s == t_score).sum(1)
+            g += (s > t_score).sum(1, dtype=torch.int64)
+            e += (s == t_score).sum(1, dtype=torch.int64)
         greater[sl] = g.cpu().numpy()
         ties[sl] = e.cpu().numpy()
         # Candidates: all items minus the excluded history (the target among them when valid).
@@ -141,7 +141,7 @@ def sampled_rank_counts(model: SequentialRecommender, dataset: SequenceDataset, 
 def topk_items(model: SequentialRecommender, h: torch.Tensor, k: int, n_items: int,
                exclude_rows: np.ndarray | None = None, exclude_items: np.ndarray | None = None,
                candidates: torch.Tensor | None = None,
-               item_chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+               item_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Running top-k over item chunks: ([B, k] internal ids, [B, k] scores), best first.
 
     Excluded (row, item) pairs and padding score -inf and are never returned unless fewer than
@@ -153,18 +153,21 @@ def topk_items(model: SequentialRecommender, h: torch.Tensor, k: int, n_items: i
     best_s = torch.full((b, 0), -torch.inf, device=device)
     best_i = torch.zeros((b, 0), dtype=torch.int64, device=device)
     pool = candidates if candidates is not None else torch.arange(1, n_items + 1, device=device)
-    ex_r = torch.from_numpy(exclude_rows).to(device) if exclude_rows is not None else None
-    ex_i = torch.from_numpy(exclude_items).to(device) if exclude_items is not None else None
+    ex_r = ex_pos = None
+    if exclude_rows is not None and exclude_items is not None:
+        # position of every item in the pool (-1 if absent), so each chunk finds its columns
+        pos_of_item = torch.full((n_items + 1,), -1, dtype=torch.int64, device=device)
+        pos_of_item[pool] = torch.arange(len(pool), device=device)
+        ex_pos = pos_of_item[torch.from_numpy(exclude_items).to(device)]
+        keep = ex_pos >= 0
+        ex_r, ex_pos = torch.from_numpy(exclude_rows).to(device)[keep], ex_pos[keep]
     for c0 in range(0, len(pool), item_chunk):
         ids = pool[c0:c0 + item_chunk]
         s = model.score_items(h, ids)
         _check_finite(s)
-        if ex_r is not None and ex_i is not None:
-            lookup = torch.full((n_items + 1,), -1, dtype=torch.int64, device=device)
-            lookup[ids] = torch.arange(len(ids), device=device)
-            col = lookup[ex_i]
-            sel = col >= 0
-            s[ex_r[sel], col[sel]] = -torch.inf
+        if ex_r is not None and ex_pos is not None:
+            sel = (ex_pos >= c0) & (ex_pos < c0 + len(ids))
+            s[ex_r[sel], ex_pos[sel] - c0] = -torch.inf
         all_s = torch.cat([best_s, s], dim=1)
         all_i = torch.cat([best_i, ids.expand(b, -1)], dim=1)
         order = torch.sort(all_s, dim=1, descending=True, stable=True).indices[:, :k]

@@ -142,7 +142,7 @@ class Recommender:
                  config: RunConfig | None = None, results: dict[str, Any] | None = None,
                  item_counts: np.ndarray | None = None, run_dir: Path | None = None,
                  unknown: str = "skip", empty: str = "error", batch_size: int = 256,
-                 item_chunk: int = 65536) -> None:
+                 item_chunk: int = 4096) -> None:
         if vocab.n_items != model.n_items:
             raise RunDirError(f"the vocabulary has {vocab.n_items} items, the model "
                               f"{model.n_items}; they do not belong to the same run")
