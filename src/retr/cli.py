@@ -33,7 +33,11 @@ def _data_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retr", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="retr",
+        description="Sequential recommendation with RETR and pathway attention: data, training, "
+                    "honest evaluation, baselines, recommendations, explanations, serving.",
+        epilog="Run 'retr COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
 
