@@ -71,3 +71,26 @@ def test_config_show(capsys):
     assert code == 0
     cfg = json.loads(out)
     assert cfg["train"]["lr"] == 0.01 and cfg["model"]["name"] == "pop"
+
+
+def test_compare_prints_one_table(tmp_path, capsys):
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text(
+        "[train]\nepochs = 2\nloss = 'ce'\nprogress = false\n[eval]\nnegatives = 50\n"
+        "[models.sasrec]\nhidden_size = 16\nmax_len = 16\n[models.pop]\nmax_len = 16\n")
+    code, out, err = run(capsys, "compare", "--data", TINY, "--models", "pop,sasrec",
+                         "--config", str(cfg), "--out", str(tmp_path / "cmp"))
+    assert code == 0, err
+    rows = [ln for ln in out.splitlines() if ln.startswith(("pop", "sasrec"))]
+    assert len(rows) == 4  # two models x two protocols, test split
+    assert (tmp_path / "cmp" / "sasrec" / "model.safetensors").is_file()
+
+
+def test_data_synthetic_writes_log_and_pathways(tmp_path, capsys):
+    code, out, _ = run(capsys, "data", "synthetic", str(tmp_path / "syn"), "--spec", TINY)
+    assert code == 0
+    assert (tmp_path / "syn" / "interactions.csv").is_file()
+    assert (tmp_path / "syn" / "pathways.json").is_file()
+    code, out, _ = run(capsys, "data", "describe", str(tmp_path / "syn" / "interactions.csv"),
+                       "--json", "--no-filter")
+    assert code == 0 and json.loads(out)["users"] == 150
