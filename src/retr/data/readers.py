@@ -225,7 +225,7 @@ def _detect(path: Path, head: bytes, gz: bool, complete: bool) -> str:
         if len(fields) != 2:
             return "tsv"
     elif "," in first:
-        header = _looks_like_header(_csv_fields(first), ColumnMap())
+        header = _looks_like_header(_csv_fields(first, path), ColumnMap())
         return "csv" if header else "csv-noheader"
     return _detect_whitespace(path, lines)
 
@@ -347,8 +347,10 @@ def _read_delimited(src: _Source, columns: ColumnMap, *, sep: str, header: bool 
     """Delimited text through pandas' C parser; ``header=None`` decides from the first row."""
     text = src.text() if text is None else text
     lines = text.split("\n")
-    first_index = next(i for i, line in enumerate(lines) if line.strip())
-    fields = (_csv_fields(lines[first_index]) if quoting != csv.QUOTE_NONE
+    first_index = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first_index is None:
+        raise _empty(src, "it holds only separators and blank space")
+    fields = (_csv_fields(lines[first_index], src.path) if quoting != csv.QUOTE_NONE
               else lines[first_index].rstrip("\r").split(sep))
     if expect_fields is not None and len(fields) < expect_fields:
         raise DataError(f"{src}:{first_index + 1}: expected {expect_fields} fields, found "
@@ -467,7 +469,8 @@ def _parquet_ids(series: pd.Series) -> pd.Series:
     """Id columns as strings; whole floats lose the ".0" (1.0 -> "1"), nulls stay null."""
     if pd.api.types.is_float_dtype(series.dtype):
         values = series.to_numpy(dtype=np.float64, na_value=np.nan)
-        if np.all(np.isnan(values) | (values == np.trunc(values))):
+        whole = (values == np.trunc(values)) & (np.abs(values) < 2.0**63)  # fits in Int64
+        if np.all(np.isnan(values) | whole):
             series = series.astype("Int64")
     return series.astype(str).where(series.notna(), None)
 
@@ -586,8 +589,9 @@ def _epoch_seconds(dates: pd.Series, role: str, name: str, values: pd.Series,
     missing = dates.isna().to_numpy(dtype=bool)
     if missing.any():
         raise _bad_value(values, int(np.flatnonzero(missing)[0]), role, name, where)
-    delta = dates - pd.Timestamp(0, tz="UTC")
-    return (delta / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64)
+    # second-resolution anchors: a nanosecond one would overflow dates past 2262 (parquet's us)
+    delta = dates - pd.Timestamp(0, tz="UTC").as_unit("s")
+    return (delta / pd.Timedelta(seconds=1).as_unit("s")).to_numpy(dtype=np.float64)
 
 
 def _bad_value(values: pd.Series, i: int, role: str, name: str,
@@ -623,8 +627,12 @@ def _frame(columns: dict[str, object]) -> pd.DataFrame:
 # --- message helpers -------------------------------------------------------------------------
 
 
-def _csv_fields(line: str) -> list[str]:
-    return next(csv.reader([line.rstrip("\r")], skipinitialspace=True), [])
+def _csv_fields(line: str, path: Path) -> list[str]:
+    try:
+        return next(csv.reader([line.rstrip("\r")], skipinitialspace=True), [])
+    except csv.Error:
+        raise DataError(f"{path}: a carriage return (\\r) inside the first row; save the "
+                        "file with \\n or \\r\\n line ends") from None
 
 
 def _empty(path: object, detail: str = "it holds no data") -> DataError:

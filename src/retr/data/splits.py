@@ -72,14 +72,26 @@ class Split:
     @classmethod
     def load(cls, path: str | Path) -> Split:
         try:
-            with np.load(path, allow_pickle=False) as z:
-                a = {k: z[k] for k in z.files}
-        except (OSError, ValueError, KeyError) as exc:
-            raise RunDirError(f"{path}: cannot read split file ({exc})") from None
+            with open(path, "rb") as fh:
+                z = np.load(fh, allow_pickle=False)
+                if not isinstance(z, np.lib.npyio.NpzFile):
+                    raise ValueError("a single array, not an .npz archive")
+                with z:
+                    a = {k: z[k] for k in z.files}
+        except Exception as exc:  # a damaged archive fails in many ways
+            raise RunDirError(f"{path}: cannot read split file "
+                              f"({' '.join(str(exc).split()) or type(exc).__name__})") from None
+        missing = sorted(set(_SPLIT_ARRAYS) - set(a))
+        if missing:
+            raise RunDirError(f"{path}: corrupted split file (no {', '.join(missing)})")
         return cls(kind=str(a["kind"]), train_users=a["train_users"],
                    train_lengths=a["train_lengths"],
                    valid=EvalExamples(a["valid_users"], a["valid_lengths"], a["valid_targets"]),
                    test=EvalExamples(a["test_users"], a["test_lengths"], a["test_targets"]))
+
+
+_SPLIT_ARRAYS = ("kind", "train_users", "train_lengths", "valid_users", "valid_lengths",
+                 "valid_targets", "test_users", "test_lengths", "test_targets")
 
 
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -23,9 +23,9 @@ from retr.config import RunConfig
 from retr.data.dataset import Vocabulary
 from retr.errors import RetrError, RunDirError
 from retr.evaluation.ranking import topk_items
-from retr.models import build_model
 from retr.models.base import SequentialRecommender
 from retr.models.pop import Pop
+from retr.text.transfer import build_run_model
 from retr.training.checkpoint import load_array, load_weights, read_json, save_array
 
 UNKNOWN_POLICIES = ("skip", "error")
@@ -175,7 +175,7 @@ class Recommender:
         run_dir = Path(run_dir)
         cfg = load_config(run_dir)
         vocab = Vocabulary.load(run_dir / "vocab.json")
-        model = build_model(cfg.model_name, vocab.n_items, cfg.model)
+        model = build_run_model(cfg, vocab.n_items)
         load_weights(model, run_dir / weights)
         try:
             model = model.to(device)
@@ -296,7 +296,7 @@ class Recommender:
         encoded = [self.encode(h, unknown, where=f"history {i}" if len(histories) > 1 else "history")
                    for i, h in enumerate(histories)]
         pool, skipped_cand = self._candidates(candidates, unknown)
-        k = int(k)
+        k = min(int(k), self.n_items if pool is None else len(pool))  # a huge k is "all items"
         model_rows = [i for i, e in enumerate(encoded) if len(e.ids)]
         empty_rows = [i for i, e in enumerate(encoded) if not len(e.ids)]
         if empty_rows and empty_policy == "error":

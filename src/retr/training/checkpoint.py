@@ -21,6 +21,8 @@ previous good version in place.
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import Any
@@ -82,12 +84,19 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunDirError(f"{path}: no trainer state to resume from (the run never finished an epoch)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except UnpicklingError as exc:
+        found = re.search(r"Unsupported (global: GLOBAL|operand) [^\s,]+", str(exc))
         raise RunDirError(f"{path}: refused to load: the file holds objects other than tensors and "
-                          f"plain values ({str(exc).splitlines()[0]})") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise RunDirError(f"{path}: corrupted or truncated trainer state ({exc})") from None
+                          f"plain values, which could run code if unpickled"
+                          f"{f' ({found.group(0).strip()})' if found else ''}; it is damaged or "
+                          "was not written by retr, so do not load it by other means unless you "
+                          "trust its origin") from None
+    except Exception as exc:  # a damaged archive or pickle stream fails in many ways
+        raise RunDirError(f"{path}: corrupted or truncated trainer state "
+                          f"({_one_line(exc)[:300]})") from None
     if not isinstance(state, dict) or state.get("format_version") != RUN_FORMAT_VERSION:
         raise RunDirError(f"{path}: not a retr trainer state of format {RUN_FORMAT_VERSION}")
     return state
@@ -107,16 +116,29 @@ def load_array(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise RunDirError(f"{path}: file missing from the run directory")
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"{path}: corrupted array file ({exc})") from None
+        with open(path, "rb") as fh:
+            array = np.load(fh, allow_pickle=False)
+    except Exception as exc:  # a damaged header fails in many ways (it is a Python literal)
+        raise RunDirError(f"{path}: corrupted array file ({_one_line(exc)})") from None
+    if not isinstance(array, np.ndarray):
+        raise RunDirError(f"{path}: corrupted array file (an archive, not one .npy array)")
+    return array
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A run file holding one JSON object (config, env, results), or a RunDirError naming it."""
     path = Path(path)
     if not path.is_file():
         raise RunDirError(f"{path}: file missing from the run directory")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunDirError(f"{path}: corrupted JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise RunDirError(f"{path}: corrupted: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

@@ -24,9 +24,9 @@ from retr.data.negatives import sample_negatives
 from retr.data.splits import Split, make_split
 from retr.errors import RetrError, RunDirError
 from retr.evaluation.protocol import evaluate
-from retr.models import build_model
 from retr.models.base import SequentialRecommender
 from retr.serving.recommender import save_item_counts
+from retr.text.transfer import build_run_model
 from retr.training.checkpoint import (
     RUN_FORMAT_VERSION,
     load_array,
@@ -83,10 +83,40 @@ def load_run_data(cfg: RunConfig, dataset: SequenceDataset, run_dir: Path) -> Ru
     env = read_json(run_dir / "env.json")
     if env.get("data_fingerprint") != dataset.fingerprint():
         raise RunDirError(f"{run_dir}: the data of {cfg.data.source!r} changed since this run was "
-                          f"made (fingerprint {dataset.fingerprint()} != {env.get('data_fingerprint')})")
+                          f"made (fingerprint {dataset.fingerprint()} now, {env.get('data_fingerprint')} "
+                          "recorded in env.json)")
     split = Split.load(run_dir / "split.npz")
+    _check_split(split, dataset, run_dir / "split.npz")
     negatives = {p: load_array(run_dir / f"negatives_{p}.npy") for p in ("valid", "test")}
+    for part, neg in negatives.items():
+        rows = len(split.examples(part))
+        if (neg.ndim != 2 or neg.shape[0] != rows or not np.issubdtype(neg.dtype, np.integer)
+                or (neg.size and (neg.min() < 1 or neg.max() > dataset.n_items))):
+            raise RunDirError(f"{run_dir / f'negatives_{part}.npy'}: corrupted: expected {rows} "
+                              f"rows of item ids in 1..{dataset.n_items}, found {neg.dtype} "
+                              f"{neg.shape}; delete the run directory and train again")
     return RunData(dataset, split, negatives)
+
+
+def _check_split(split: Split, dataset: SequenceDataset, path: Path) -> None:
+    """Refuse a split whose arrays point outside the data: a damaged file, not a crash later."""
+    lengths = dataset.lengths
+    parts = [("train", split.train_users, split.train_lengths, None, 0),
+             ("valid", split.valid.users, split.valid.lengths, split.valid.targets, 1),
+             ("test", split.test.users, split.test.lengths, split.test.targets, 1)]
+    for name, users, lens, targets, room in parts:
+        arrays = [users, lens] + ([targets] if targets is not None else [])
+        ok = all(a.ndim == 1 and len(a) == len(users) and np.issubdtype(a.dtype, np.integer)
+                 for a in arrays)
+        if ok and len(users):
+            ok = bool(users.min() >= 0 and users.max() < dataset.n_users)
+            ok = ok and bool((lens >= 1).all() and (lens + room <= lengths[users]).all())
+            if targets is not None:
+                ok = ok and bool((targets == dataset.items[dataset.offsets[users] + lens]).all())
+        if not ok:
+            raise RunDirError(f"{path}: corrupted: the {name} part does not fit the data "
+                              "(ids or lengths out of range); delete the run directory and "
+                              "train again")
 
 
 def training_batch(model: SequentialRecommender, data: RunData, users: np.ndarray, lengths: np.ndarray,
@@ -118,8 +148,12 @@ def _env(dataset: SequenceDataset) -> dict[str, Any]:
 
 
 def train(cfg: RunConfig, dataset: SequenceDataset, run_dir: str | Path, resume: bool = False,
-          log: Any = print) -> dict[str, Any]:
+          log: Any = print, model: SequentialRecommender | None = None,
+          fit: bool = True) -> dict[str, Any]:
     """Train ``cfg.model_name`` on ``dataset`` into ``run_dir``; return the final results.
+
+    ``model`` replaces the freshly built one (fine-tuning starts from transferred weights);
+    ``fit=False`` evaluates it as it is, with no training (zero-shot transfer).
 
     With ``resume`` the run continues from ``run_dir/trainer_state.pt`` and ends with the same
     weights an uninterrupted run would have (CPU, deterministic mode).
@@ -127,6 +161,13 @@ def train(cfg: RunConfig, dataset: SequenceDataset, run_dir: str | Path, resume:
     run_dir = Path(run_dir)
     setup_torch(cfg)
     device = torch.device(cfg.train.device)
+    if model is None:  # before the run directory is touched: item text errors come first
+        model = build_run_model(cfg, dataset.n_items, dataset)
+    _remove_stale_temporaries(run_dir)
+    if resume:
+        if not (run_dir / "trainer_state.pt").is_file():
+            log(f"{run_dir}: no epoch had finished; starting the run over from its config.json")
+            resume = False
     if resume:
         data = load_run_data(cfg, dataset, run_dir)
     else:
@@ -134,16 +175,48 @@ def train(cfg: RunConfig, dataset: SequenceDataset, run_dir: str | Path, resume:
         atomic_write_text(run_dir / "config.json", cfg.to_json())
         atomic_write_json(run_dir / "env.json", _env(dataset))
         data = prepare_run_data(cfg, dataset, run_dir)
-    model = build_model(cfg.model_name, dataset.n_items, cfg.model).to(device)
+    model = model.to(device)
     meta = {"model": cfg.model_name, "dataset": dataset.name}
-    if not getattr(model, "trainable", True):
-        cast(Any, model).fit_counts(data.split.train_item_counts(dataset))
+    trainable = getattr(model, "trainable", True)
+    if not trainable or not fit:
+        if not trainable:
+            cast(Any, model).fit_counts(data.split.train_item_counts(dataset))
         save_weights(model, run_dir / "model.safetensors", meta)
         save_weights(model, run_dir / "last.safetensors", meta)
         return final_evaluation(cfg, model, data, run_dir, log)
     _fit(cfg, model, data, run_dir, resume, device, meta, log)
     load_weights(model, run_dir / "model.safetensors")
     return final_evaluation(cfg, model, data, run_dir, log)
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the half-written temporaries (``.NAME.XXXX.tmp``) a killed write left behind."""
+    if not run_dir.is_dir():
+        return
+    for tmp in run_dir.glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink()
+
+
+def _restore(state: dict[str, Any], model: SequentialRecommender,
+             optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Put model, optimizer and RNG back as they were after the saved epoch."""
+    missing = [k for k in ("model", "optimizer", "torch_rng", "epoch", "best", "best_epoch",
+                           "bad_epochs", "history", "elapsed") if k not in state]
+    if missing:
+        raise RunDirError(f"{path}: corrupted trainer state (no {', '.join(missing)})")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise RunDirError(f"{path}: does not match this run's model and optimizer "
+                          f"({_first_line(exc)}); the file is damaged or from another run") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: Path, resume: bool,
@@ -155,9 +228,9 @@ def _fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: P
     elapsed = 0.0
     if resume:
         state = load_trainer_state(run_dir / "trainer_state.pt")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        if int(state.get("best_epoch", 0)) > 0:  # fail now, not after the remaining epochs
+            load_weights(model, run_dir / "model.safetensors")
+        _restore(state, model, optimizer, run_dir / "trainer_state.pt")
         start_epoch = int(state["epoch"]) + 1
         best, best_epoch, bad = float(state["best"]), int(state["best_epoch"]), int(state["bad_epochs"])
         history = list(state["history"])
@@ -186,9 +259,13 @@ def _fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: P
             loss = compute_loss(tc.loss, model, hidden[mask], targets[mask], gen, tc.negatives,
                                 tc.gbce_t)
             if not torch.isfinite(loss):
+                kept = ("none had been written yet" if epoch == 1 else
+                        f"last: epoch {epoch - 1}, best: "
+                        + (f"epoch {best_epoch}" if best_epoch else "none yet"))
                 raise TrainingDiverged(
-                    f"loss became {loss.item()} at epoch {epoch}, step {steps + 1}; the best "
-                    f"checkpoint in {run_dir} is untouched. Lower train.lr or set train.grad_clip")
+                    f"loss became {loss.item()} at epoch {epoch}, step {steps + 1}; the "
+                    f"checkpoints in {run_dir} are untouched ({kept}). Lower train.lr or set "
+                    "train.grad_clip")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip > 0:

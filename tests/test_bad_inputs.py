@@ -1,0 +1,196 @@
+"""Bad input end to end: every case gives a non-zero exit and one stderr line, never a traceback.
+
+The files live in ``tests/bad_inputs/``; each row of ``CASES`` says which command reads which
+file, the exit code it must end with and a piece of the one-line error. Rows with exit code 0
+are inputs that look odd but must work (a BOM and CRLF line ends, a huge k, unknown items among
+known ones, a 100,000-item history).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from retr.cli import main
+
+from .cli_run import one_error_line, run_cli
+
+BAD = Path(__file__).with_name("bad_inputs")
+TINY = "synthetic:n_users=150,n_items=150,n_themes=10,min_len=10,max_len=16,seed=1"
+POP = ["--model", "pop", "--data", TINY, "--set", "train.progress=false"]
+
+# (case, argv with {f}=a file in bad_inputs/, {run}=a trained pop run, {tmp}=a scratch dir,
+#  expected exit code, expected piece of the error line, or of the output when the exit is 0)
+CASES: list[tuple[str, list[str], int, str]] = [
+    # interaction logs
+    ("truncated gzip", ["data", "describe", "{f}truncated.csv.gz"], 2,
+     "truncated.csv.gz: gzip data is truncated or corrupt"),
+    ("wrong delimiter, detected", ["data", "describe", "{f}semicolon_delimited.csv"], 2,
+     "cannot tell the format"),
+    ("wrong delimiter, --format csv",
+     ["data", "describe", "{f}semicolon_delimited.csv", "--format", "csv"], 2,
+     "columns found: 'user_id;item_id;timestamp'"),
+    ("non-UTF-8 bytes", ["data", "describe", "{f}latin1.csv"], 2,
+     "latin1.csv:34: bytes are not valid UTF-8"),
+    ("random bytes", ["data", "describe", "{f}random_bytes.bin"], 2, "not valid UTF-8"),
+    ("missing item column", ["data", "describe", "{f}missing_item_column.csv"], 2,
+     "no item column"),
+    ("column mapped to a missing name",
+     ["data", "describe", "{f}missing_item_column.csv", "--item-col", "sku"], 2,
+     "no column 'sku' (given by --item-col)"),
+    ("NaN timestamp", ["data", "describe", "{f}nan_timestamp.csv"], 2,
+     "nan_timestamp.csv:3: column 'timestamp': timestamp is missing or NaN"),
+    ("unparsable timestamp", ["data", "describe", "{f}unparsable_timestamp.csv"], 2,
+     "unparsable_timestamp.csv:3: column 'timestamp': cannot parse timestamp 'yesterday'"),
+    ("empty file", ["data", "describe", "{f}empty.csv"], 2, "empty.csv: the file is empty"),
+    ("header only", ["data", "describe", "{f}header_only.csv"], 2,
+     "header_only.csv: the file is empty (it has no interactions)"),
+    ("a line too short", ["data", "describe", "{f}ragged.csv"], 2,
+     "ragged.csv:4: column 'item_id' is empty or null"),
+    ("invalid JSON line", ["data", "describe", "{f}broken.jsonl"], 2,
+     "broken.jsonl:2: invalid JSON"),
+    ("text named .parquet", ["data", "describe", "{f}not_parquet.parquet"], 2,
+     "not a readable parquet file"),
+    ("user-lines with a lone user", ["data", "describe", "{f}single_token_lines.txt",
+                                     "--format", "user-lines"], 2,
+     "single_token_lines.txt:2: line has a user id but no items"),
+    ("unknown --format", ["data", "describe", "{f}empty.csv", "--format", "xlsx"], 2,
+     "unknown format 'xlsx'"),
+    ("no such file", ["data", "describe", "{f}no_such_file.csv"], 2,
+     "neither a file nor a known dataset"),
+    ("empty after 5-core", ["data", "describe", "{f}too_sparse.csv"], 2,
+     "too_sparse.csv: no interactions left after filtering"),
+    ("empty after 5-core, train", ["train", "--data", "{f}too_sparse.csv", "--model", "pop",
+                                   "--out", "{tmp}run"], 2, "no interactions left"),
+    ("bad line, train", ["train", "--data", "{f}ragged.csv", "--model", "pop", "--out",
+                         "{tmp}run"], 2, "ragged.csv:4"),
+    ("BOM and CRLF work", ["data", "describe", "{f}bom_crlf_ok.csv", "--json"], 0,
+     '"interactions": 240'),
+    # configuration
+    ("bad TOML", ["train", "--config", "{f}bad_syntax.toml", *POP, "--out", "{tmp}run"], 2,
+     "bad_syntax.toml: invalid TOML (Invalid value (at line 3, column 10))"),
+    ("TOML not UTF-8", ["config", "show", "--config", "{f}not_utf8.toml"], 2,
+     "not_utf8.toml: not UTF-8 text"),
+    ("unknown config key", ["train", "--config", "{f}unknown_key.toml", *POP, "--out",
+                            "{tmp}run"], 2,
+     "unknown_key.toml with command-line overrides: train: unknown key(s) learning_rate"),
+    ("wrong-typed config value", ["config", "show", "--config", "{f}wrong_type.toml"], 2,
+     "wrong_type.toml: train.epochs: expected an integer, got 'ten'"),
+    ("model as a string", ["config", "show", "--config", "{f}model_not_table.toml"], 2,
+     "model_not_table.toml: model must be a table"),
+    ("missing config file", ["config", "show", "--config", "{f}nope.toml"], 2,
+     "nope.toml: config file not found"),
+    ("--set without =", ["config", "show", "--set", "train.lr"], 2, "expected key=value"),
+    ("--set into a value", ["config", "show", "--set", "train.lr.x=1"], 2,
+     "train.lr: expected a number"),
+    ("--set section as value", ["config", "show", "--set", "model=3"], 2,
+     "model must be a table"),
+    ("unknown model", ["config", "show", "--model", "transformer9000"], 2,
+     "unknown model 'transformer9000'"),
+    ("negative epochs", ["config", "show", "--set", "train.epochs=-1"], 2,
+     "train.epochs must be >= 1, got -1"),
+    ("argparse: bad integer", ["train", "--seed", "x", *POP, "--out", "{tmp}run"], 2,
+     "retr train: error: argument --seed: invalid int value: 'x'"),
+    ("argparse: unknown flag", ["evaluate", "{run}", "--fast"], 2,
+     "unrecognized arguments: --fast"),
+    # recommend
+    ("k = 0", ["recommend", "{run}", "--history", "1,2", "-k", "0"], 2, "-k must be >= 1, got 0"),
+    ("negative k", ["recommend", "{run}", "--history", "1,2", "-k", "-5"], 2,
+     "-k must be >= 1, got -5"),
+    ("k not a number", ["recommend", "{run}", "--history", "1,2", "-k", "ten"], 2,
+     "argument -k/--k: invalid int value: 'ten'"),
+    ("huge k is every item", ["recommend", "{run}", "--history", "1,2", "-k", "10" * 12,
+                              "--json", "--keep-seen"], 0, '"items"'),
+    ("only unknown items", ["recommend", "{run}", "--history", "nope1,nope2"], 2,
+     "history has no known item (every id was unknown)"),
+    ("unknown items skipped", ["recommend", "{run}", "--history", "nope1,1,2"], 0,
+     "skipped unknown: nope1"),
+    ("unknown items refused", ["recommend", "{run}", "--history", "nope1,1", "--unknown",
+                               "error"], 2, "unknown item id(s) 'nope1'"),
+    ("empty history", ["recommend", "{run}", "--history", ","], 2, "history has no known item"),
+    ("unknown candidates", ["recommend", "{run}", "--history", "1", "--candidates", "x,y"], 2,
+     "none of the candidate ids is known"),
+    ("histories: bad JSON", ["recommend", "{run}", "--input", "{f}histories_bad_json.jsonl"], 2,
+     "histories_bad_json.jsonl:2: invalid JSON"),
+    ("histories: no usable column", ["recommend", "{run}", "--input",
+                                     "{f}histories_no_columns.csv"], 2, "no user column"),
+    ("histories: bad timestamp", ["recommend", "{run}", "--input",
+                                  "{f}histories_bad_time.csv"], 2,
+     "row 2: timestamp 'soon' is not a number"),
+    ("histories: unknown extension", ["recommend", "{run}", "--input",
+                                      "{f}random_bytes.bin"], 2, "cannot tell the format"),
+    ("--output without --input", ["recommend", "{run}", "--history", "1", "--output",
+                                  "{tmp}x.csv"], 2, "--output goes with --input"),
+    # run directories
+    ("no such run", ["evaluate", "{tmp}missing"], 2, "no such run directory"),
+    ("empty run dir", ["recommend", "{tmp}", "--history", "1"], 2,
+     "config.json: file missing from the run directory"),
+    ("a file as run dir", ["evaluate", "{f}empty.csv"], 2, "no such run directory"),
+    ("resume a missing run", ["train", "--resume", "{tmp}missing"], 2, "no such run directory"),
+    ("overwrite a run", ["train", *POP, "--out", "{run}"], 2, "already holds a run"),
+    ("train without --out", ["train", *POP], 2, "--out RUN_DIR is required"),
+]
+
+
+@pytest.fixture(scope="module")
+def pop_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pop") / "run"
+    assert main(["train", *POP, "--out", str(out)]) == 0
+    return out
+
+
+def _fill(argv: list[str], run: Path, tmp: Path) -> list[str]:
+    return [a.replace("{f}", f"{BAD}/").replace("{run}", str(run)).replace("{tmp}", f"{tmp}/")
+            for a in argv]
+
+
+@pytest.mark.parametrize("case, argv, code, needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_table(case: str, argv: list[str], code: int, needle: str, pop_run: Path,
+                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    got, out, err = run_cli(_fill(argv, pop_run, tmp_path), capsys)
+    assert got == code, err
+    if code == 0:
+        assert "Traceback" not in err and needle in out + err
+        return
+    line = one_error_line(err)
+    assert needle in line, line
+    assert not (tmp_path / "run" / "config.json").exists(), "a failed start left a run behind"
+
+
+def test_every_corpus_file_is_in_the_table() -> None:
+    used = {Path(a.replace("{f}", "")).name for _, argv, _, _ in CASES for a in argv
+            if a.startswith("{f}")}
+    assert {p.name for p in BAD.iterdir()} <= used
+
+
+def test_huge_k_returns_the_whole_catalogue(pop_run: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["recommend", str(pop_run), "--history", "1", "-k", str(10**15),
+                              "--json"], capsys)
+    assert code == 0, err
+    n_items = len(json.loads((pop_run / "vocab.json").read_text())["items"])
+    assert len(json.loads(out)["items"]) == n_items - 1  # all but the one history item
+
+
+def test_100k_item_history_is_truncated_and_works(pop_run: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    items = json.loads((pop_run / "vocab.json").read_text())["items"]
+    history = [items[i % 20] for i in range(100_000)]  # 20 items seen, the rest rankable
+    code, out, err = run_cli(["recommend", str(pop_run), "--history", ",".join(history),
+                              "--json", "-k", "5"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["truncated"] and 0 < len(result["used_history"]) < 100_000
+    assert len(result["items"]) == 5
+    code, out, err = run_cli(["recommend", str(pop_run), "--history", ",".join(history),
+                              "-k", "5"], capsys)
+    assert code == 0 and "history truncated to its last" in err
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"id": "long", "history": history}) + "\n")
+    code, out, err = run_cli(["recommend", str(pop_run), "--input", str(path), "-k", "5",
+                              "--no-progress"], capsys)
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["id"] == "long" and row["truncated"] and len(row["items"]) == 5
