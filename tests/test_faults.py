@@ -268,7 +268,8 @@ def test_corrupted_run_file_gives_one_line_naming_it(small_run: Path, tmp_path: 
 @pytest.mark.parametrize("name, content", [
     ("config.json", b"[]"), ("env.json", b"1"), ("results.json", b'"x"'),
     ("vocab.json", b'{"users": 3, "items": 4}'), ("split.npz", None),
-    ("negatives_test.npy", None), ("trainer_state.pt", None),
+    ("negatives_test.npy", None), ("trainer_state.pt", b"model"),
+    ("trainer_state.pt", b"epoch"), ("trainer_state.pt", b"torch_rng"),
 ])
 def test_well_formed_but_wrong_content_is_named(small_run: Path, tmp_path: Path, name: str,
                                                 content: bytes | None,
@@ -282,9 +283,11 @@ def test_well_formed_but_wrong_content_is_named(small_run: Path, tmp_path: Path,
         split.save(run / name)
     elif name == "negatives_test.npy":
         np.save(run / name, np.full((3, 20), 9999, dtype=np.int64))
-    elif name == "trainer_state.pt":
+    elif name == "trainer_state.pt":  # another model's weights, a wrong type, a short RNG
         state = load_trainer_state(run / name)
-        state["model"] = {"not.a.parameter": torch.zeros(2)}
+        state.update({b"model": {"model": {"not.a.parameter": torch.zeros(2)}},
+                      b"epoch": {"epoch": "2"},
+                      b"torch_rng": {"torch_rng": torch.zeros(10, dtype=torch.uint8)}}[content])
         torch.save(state, run / name)
     else:
         assert content is not None
@@ -293,6 +296,21 @@ def test_well_formed_but_wrong_content_is_named(small_run: Path, tmp_path: Path,
         code, _, err = run_cli(COMMANDS[command](run), capsys)
         assert code != 0, command
         assert name in one_error_line(err)
+
+
+def test_rng_state_stored_as_a_view_resumes(small_run: Path, tmp_path: Path) -> None:
+    """torch.load can return a tensor viewing a shared storage at an offset; torch's
+    set_rng_state misreads such a view (a segfault), so resume must copy it first. Run in a
+    subprocess so that a regression fails this test instead of killing the session."""
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    state = load_trainer_state(run / "trainer_state.pt")
+    state["torch_rng"] = torch.stack([torch.zeros_like(state["torch_rng"]),
+                                      state["torch_rng"]])[1]
+    torch.save(state, run / "trainer_state.pt")
+    proc = subprocess.run([sys.executable, str(RUNNER), "train", "--resume", str(run)],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_corrupted_last_weights_are_named_by_the_api(small_run: Path, tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Each property says what must hold for *any* input: readers return the canonical frame or raise
 DataError; preprocessing keeps its invariants (offsets, id ranges, k-core fixed point, time
-order); damaged run files load or raise RunDirError; the HTTP API answers 2xx or 4xx, never 500.
+order); damaged run files load or raise a RunDirError (ConfigError for config.json) naming
+the file; the HTTP API answers 2xx or 4xx, never 500.
 Examples are bounded so the whole file runs in seconds.
 """
 
@@ -37,7 +38,8 @@ from retr.serving.recommender import Recommender
 from retr.training.checkpoint import load_trainer_state
 from retr.training.trainer import load_run_data
 
-FUZZ = settings(deadline=None, max_examples=60,
+# No example database: nothing is written into the tree; a failure prints its example.
+FUZZ = settings(deadline=None, max_examples=60, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 TINY = "synthetic:n_users=150,n_items=150,n_themes=10,min_len=10,max_len=16,seed=1"
@@ -344,7 +346,7 @@ def test_http_random_json_is_never_a_server_error(client: Any, path: str, body: 
                                          headers={"content-type": "application/json"}))
 
 
-@settings(deadline=None, max_examples=30,
+@settings(deadline=None, max_examples=30, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(["/recommend", "/recommend/batch", "/explain"]),
        raw=st.binary(max_size=200),

@@ -216,6 +216,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from retr.data.load import load_dataset
     from retr.evaluation.report import results_table, run_results_rows
     from retr.runs import load_config
+    from retr.training.distributed import is_main_process
     from retr.training.trainer import train
 
     if args.resume:
@@ -226,13 +227,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.out:
             raise ConfigError("retr train: --out RUN_DIR is required (or --resume RUN_DIR)")
         run_dir = Path(args.out)
-        if (run_dir / "config.json").exists():
+        # under torchrun only rank 0 checks: the others could see the config.json it just wrote
+        if is_main_process() and (run_dir / "config.json").exists():
             raise ConfigError(f"{run_dir}: already holds a run; pick a new --out, or continue it "
                               f"with --resume {run_dir}")
         cfg = _resolve(args)
         resume = False
     dataset = load_dataset(cfg.data)
     results = train(cfg, dataset, run_dir, resume=resume, log=_log)
+    if not is_main_process():  # rank 0 prints the results of a multi-process run
+        return 0
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -106,8 +106,9 @@ def build_dataset(log: pd.DataFrame, prep: Preprocessing = Preprocessing(), name
     if len(user_codes) == 0:
         raise DataError(
             f"{source}: no interactions left after filtering (k-core users>="
-            f"{prep.min_user_interactions}, items>={prep.min_item_interactions}, rating>="
-            f"{prep.rating_threshold}); lower the thresholds, e.g. --set data.min_user_interactions=0")
+            f"{prep.min_user_interactions}, items>={prep.min_item_interactions}"
+            + (f", rating>={prep.rating_threshold}" if prep.rating_threshold is not None else "")
+            + "); lower the thresholds, e.g. --set data.min_user_interactions=0")
     # Re-index to dense ids in order of first appearance of the (sorted) survivors.
     u_new, u_idx = np.unique(user_codes, return_index=True)
     u_first_order = u_new[np.argsort(u_idx, kind="stable")]

@@ -17,7 +17,8 @@ LOSSES = ("bpr", "bce", "ce", "sampled_softmax", "gbce")
 
 def uniform_negatives(targets: torch.Tensor, n: int, n_items: int, gen: torch.Generator) -> torch.Tensor:
     """[P, n] items drawn uniformly from 1..n_items excluding each row's own target."""
-    neg = torch.randint(1, n_items, (targets.shape[0], n), generator=gen, device=targets.device)
+    neg = torch.randint(1, n_items, (targets.shape[0], n), generator=gen, device=gen.device)
+    neg = neg.to(targets.device)  # drawn on the generator's device (CPU): same stream anywhere
     return neg + (neg >= targets[:, None]).long()  # shift past the target: uniform over the rest
 
 
@@ -68,7 +69,8 @@ def sampled_softmax_loss(model: SequentialRecommender, h: torch.Tensor, targets:
     Uniform proposals make the logQ correction a constant, so none is applied; a negative
     equal to a row's target is masked out (no accidental hits).
     """
-    neg = torch.randint(1, model.n_items + 1, (negatives,), generator=gen, device=h.device)
+    neg = torch.randint(1, model.n_items + 1, (negatives,), generator=gen,
+                        device=gen.device).to(h.device)
     pos_s = model.score_candidates(h, targets[:, None])  # [P, 1]
     neg_s = model.score_items(h, neg)  # [P, n]
     neg_s = neg_s.masked_fill(neg[None, :] == targets[:, None], float("-inf"))

@@ -27,6 +27,7 @@ from retr.evaluation.protocol import evaluate
 from retr.models.base import SequentialRecommender
 from retr.serving.recommender import save_item_counts
 from retr.text.transfer import build_run_model
+from retr.training import distributed
 from retr.training.checkpoint import (
     RUN_FORMAT_VERSION,
     load_array,
@@ -64,8 +65,7 @@ def setup_torch(cfg: RunConfig) -> None:
 
 def prepare_run_data(cfg: RunConfig, dataset: SequenceDataset, run_dir: Path) -> RunData:
     """Make the split and its sampled negatives once, and store them in the run directory."""
-    split = make_split(dataset, cfg.split.kind, seed=cfg.seed, valid_cutoff=cfg.split.valid_cutoff,
-                       test_cutoff=cfg.split.test_cutoff, rolling_steps=cfg.split.rolling_steps)
+    split = _make_split(cfg, dataset)
     pop = split.train_item_counts(dataset) if cfg.eval.negative_sampling == "popularity" else None
     negatives = {}
     for offset, part in enumerate(("valid", "test")):
@@ -76,6 +76,11 @@ def prepare_run_data(cfg: RunConfig, dataset: SequenceDataset, run_dir: Path) ->
     save_item_counts(run_dir, split.train_item_counts(dataset))  # popularity fallback in serving
     dataset.vocab.save(run_dir / "vocab.json")
     return RunData(dataset, split, negatives)
+
+
+def _make_split(cfg: RunConfig, dataset: SequenceDataset) -> Split:
+    return make_split(dataset, cfg.split.kind, seed=cfg.seed, valid_cutoff=cfg.split.valid_cutoff,
+                      test_cutoff=cfg.split.test_cutoff, rolling_steps=cfg.split.rolling_steps)
 
 
 def load_run_data(cfg: RunConfig, dataset: SequenceDataset, run_dir: Path) -> RunData:
@@ -160,31 +165,52 @@ def train(cfg: RunConfig, dataset: SequenceDataset, run_dir: str | Path, resume:
     """
     run_dir = Path(run_dir)
     setup_torch(cfg)
-    device = torch.device(cfg.train.device)
     if model is None:  # before the run directory is touched: item text errors come first
         model = build_run_model(cfg, dataset.n_items, dataset)
-    _remove_stale_temporaries(run_dir)
-    if resume:
-        if not (run_dir / "trainer_state.pt").is_file():
-            log(f"{run_dir}: no epoch had finished; starting the run over from its config.json")
-            resume = False
+    ctx, device = distributed.setup(cfg.train.device)
+    try:
+        return _train(cfg, dataset, run_dir, resume, log if ctx.is_main else _quiet, model, fit,
+                      ctx, device)
+    finally:
+        distributed.cleanup(ctx)
+
+
+def _quiet(msg: str) -> None:
+    """The log of ranks other than 0: one voice is enough."""
+
+
+def _train(cfg: RunConfig, dataset: SequenceDataset, run_dir: Path, resume: bool, log: Any,
+           model: SequentialRecommender, fit: bool, ctx: distributed.Context,
+           device: torch.device) -> dict[str, Any]:
+    if ctx.is_main:
+        _remove_stale_temporaries(run_dir)
+    trainable = getattr(model, "trainable", True)
+    if resume and trainable and fit and not (run_dir / "trainer_state.pt").is_file():
+        log(f"{run_dir}: no epoch had finished; starting the run over from its config.json")
+        resume = False
     if resume:
         data = load_run_data(cfg, dataset, run_dir)
-    else:
+    elif ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", cfg.to_json())
         atomic_write_json(run_dir / "env.json", _env(dataset))
         data = prepare_run_data(cfg, dataset, run_dir)
+    else:  # the split rank 0 stores, made here too (it is seeded): no shared filesystem needed
+        data = RunData(dataset, _make_split(cfg, dataset), {})
     model = model.to(device)
+    distributed.seed_rank(cfg.seed, ctx)
     meta = {"model": cfg.model_name, "dataset": dataset.name}
-    trainable = getattr(model, "trainable", True)
+    if not ctx.is_main and (not trainable or not fit):
+        return {"model": cfg.model_name, "results": []}
     if not trainable or not fit:
         if not trainable:
             cast(Any, model).fit_counts(data.split.train_item_counts(dataset))
         save_weights(model, run_dir / "model.safetensors", meta)
         save_weights(model, run_dir / "last.safetensors", meta)
         return final_evaluation(cfg, model, data, run_dir, log)
-    _fit(cfg, model, data, run_dir, resume, device, meta, log)
+    _fit(cfg, model, data, run_dir, resume, device, meta, log, ctx)
+    if not ctx.is_main:
+        return {"model": cfg.model_name, "results": []}
     load_weights(model, run_dir / "model.safetensors")
     return final_evaluation(cfg, model, data, run_dir, log)
 
@@ -198,20 +224,38 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
             tmp.unlink()
 
 
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model": dict, "optimizer": dict, "torch_rng": torch.Tensor, "epoch": int,
+    "best": (int, float), "best_epoch": int, "bad_epochs": int, "history": list,
+    "elapsed": (int, float)}
+
+
+def _check_state(state: dict[str, Any], path: Path) -> None:
+    """Every entry resume reads is there and of its type (the file may be damaged or foreign)."""
+    wrong = [k for k, t in _STATE_TYPES.items()
+             if not isinstance(state.get(k), t) or isinstance(state.get(k), bool)]
+    if wrong:
+        raise RunDirError(f"{path}: corrupted trainer state (missing or wrong type: "
+                          f"{', '.join(wrong)})")
+
+
 def _restore(state: dict[str, Any], model: SequentialRecommender,
              optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Put model, optimizer and RNG back as they were after the saved epoch."""
-    missing = [k for k in ("model", "optimizer", "torch_rng", "epoch", "best", "best_epoch",
-                           "bad_epochs", "history", "elapsed") if k not in state]
-    if missing:
-        raise RunDirError(f"{path}: corrupted trainer state (no {', '.join(missing)})")
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise RunDirError(f"{path}: does not match this run's model and optimizer "
                           f"({_first_line(exc)}); the file is damaged or from another run") from None
+    _restore_rng(state["torch_rng"], path)
+
+
+def _restore_rng(rng: torch.Tensor, path: Path) -> None:
+    try:
+        torch.set_rng_state(rng.clone())  # a copy: torch misreads a view's storage offset
+    except (RuntimeError, TypeError) as exc:
+        raise RunDirError(f"{path}: corrupted RNG state ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -220,24 +264,32 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: Path, resume: bool,
-         device: torch.device, meta: dict[str, str], log: Any) -> None:
+         device: torch.device, meta: dict[str, str], log: Any,
+         ctx: distributed.Context) -> None:
     tc = cfg.train
+    ddp = distributed.wrap(model, ctx, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     history: list[dict[str, Any]] = []
     start_epoch, best, best_epoch, bad = 1, -math.inf, 0, 0
     elapsed = 0.0
     if resume:
         state = load_trainer_state(run_dir / "trainer_state.pt")
-        if int(state.get("best_epoch", 0)) > 0:  # fail now, not after the remaining epochs
+        _check_state(state, run_dir / "trainer_state.pt")
+        if state["best_epoch"] > 0:  # fail now, not after the remaining epochs
             load_weights(model, run_dir / "model.safetensors")
         _restore(state, model, optimizer, run_dir / "trainer_state.pt")
+        per_rank = state.get("torch_rng_ranks")
+        if isinstance(per_rank, torch.Tensor) and per_rank.shape[0] == ctx.world_size > 1:
+            _restore_rng(per_rank[ctx.rank], run_dir / "trainer_state.pt")
+        elif ctx.enabled:  # saved by another number of processes: fresh streams per rank
+            distributed.seed_rank(cfg.seed + int(state["epoch"]), ctx)
         start_epoch = int(state["epoch"]) + 1
         best, best_epoch, bad = float(state["best"]), int(state["best_epoch"]), int(state["bad_epochs"])
         history = list(state["history"])
         elapsed = float(state["elapsed"])
         log(f"resuming {run_dir} after epoch {state['epoch']} (best {tc.valid_metric} "
             f"{best:.4f} at epoch {best_epoch})")
-    writer = _tensorboard(run_dir) if tc.tensorboard else None
+    writer = _tensorboard(run_dir) if tc.tensorboard and ctx.is_main else None
     split = data.split
     n_train = len(split.train_users)
     for epoch in range(start_epoch, tc.epochs + 1):
@@ -246,24 +298,28 @@ def _fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: P
         t0 = time.perf_counter()
         model.train()
         perm = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 7_919 * ctx.rank)
         total, steps, seen = 0.0, 0, 0
         bar = tqdm(range(0, n_train, tc.batch_size), desc=f"epoch {epoch}", unit="batch",
-                   disable=not tc.progress, leave=False)
+                   disable=not tc.progress or not ctx.is_main, leave=False)
         for start in bar:
-            idx = perm[start:start + tc.batch_size]
+            idx, counted = ctx.shard(perm[start:start + tc.batch_size])
             inputs, targets = training_batch(model, data, split.train_users[idx],
                                              split.train_lengths[idx], gen, device)
-            hidden = model(inputs).hidden  # [B, N, d]
+            hidden = ddp(inputs).hidden  # [B, N, d]
             mask = targets > 0
             loss = compute_loss(tc.loss, model, hidden[mask], targets[mask], gen, tc.negatives,
                                 tc.gbce_t)
-            if not torch.isfinite(loss):
+            step_loss = loss  # the step's mean loss over every rank's target positions
+            if ctx.enabled:
+                loss, step_loss = distributed.global_mean(
+                    loss, int(mask.sum()) if counted else 0, model, ctx)
+            if not torch.isfinite(step_loss):
                 kept = ("none had been written yet" if epoch == 1 else
                         f"last: epoch {epoch - 1}, best: "
                         + (f"epoch {best_epoch}" if best_epoch else "none yet"))
                 raise TrainingDiverged(
-                    f"loss became {loss.item()} at epoch {epoch}, step {steps + 1}; the "
+                    f"loss became {step_loss.item()} at epoch {epoch}, step {steps + 1}; the "
                     f"checkpoints in {run_dir} are untouched ({kept}). Lower train.lr or set "
                     "train.grad_clip")
             optimizer.zero_grad(set_to_none=True)
@@ -271,16 +327,16 @@ def _fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: P
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
-            total += loss.item()
+            total += step_loss.item()
             steps += 1
-            seen += len(idx)
+            seen += min(tc.batch_size, n_train - start)
             bar.set_postfix(loss=f"{total / steps:.4f}",
                             seq_s=f"{seen / (time.perf_counter() - t0):.0f}")
         train_time = time.perf_counter() - t0
         row: dict[str, Any] = {"epoch": epoch, "loss": total / max(steps, 1),
                                "train_seconds": round(train_time, 3),
                                "sequences_per_second": round(seen / max(train_time, 1e-9), 1)}
-        if epoch % tc.eval_every == 0 or epoch == tc.epochs:
+        if ctx.is_main and (epoch % tc.eval_every == 0 or epoch == tc.epochs):
             res = evaluate(model, data.dataset, split.valid, tc.valid_protocol, cfg.eval,
                            data.negatives["valid"])
             value = res["metrics"].get(tc.valid_metric)
@@ -298,25 +354,33 @@ def _fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: P
         elapsed += time.perf_counter() - t0
         row["elapsed_seconds"] = round(elapsed, 3)
         history.append(row)
-        if writer is not None:
-            writer.add_scalar("train/loss", row["loss"], epoch)
-            for k, v in row.get("valid", {}).items():
-                if isinstance(v, float):
-                    writer.add_scalar(f"valid/{k}", v, epoch)
-        save_weights(model, run_dir / "last.safetensors", {**meta, "epoch": str(epoch)})
-        atomic_write_text(run_dir / "metrics.jsonl",
-                          "".join(_json_line(r) for r in history))
-        save_trainer_state({
-            "format_version": RUN_FORMAT_VERSION, "epoch": epoch,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(), "best": best, "best_epoch": best_epoch,
-            "bad_epochs": bad, "history": history, "elapsed": elapsed,
-        }, run_dir / "trainer_state.pt")
+        rng_ranks = distributed.gather_rng_states(ctx, device) if ctx.enabled else None
+        if ctx.is_main:
+            if writer is not None:
+                writer.add_scalar("train/loss", row["loss"], epoch)
+                for k, v in row.get("valid", {}).items():
+                    if isinstance(v, float):
+                        writer.add_scalar(f"valid/{k}", v, epoch)
+            save_weights(model, run_dir / "last.safetensors", {**meta, "epoch": str(epoch)})
+            atomic_write_text(run_dir / "metrics.jsonl",
+                              "".join(_json_line(r) for r in history))
+            state = {
+                "format_version": RUN_FORMAT_VERSION, "epoch": epoch,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(), "best": best, "best_epoch": best_epoch,
+                "bad_epochs": bad, "history": history, "elapsed": elapsed,
+            }
+            if rng_ranks is not None:
+                state["torch_rng_ranks"] = rng_ranks
+            save_trainer_state(state, run_dir / "trainer_state.pt")
+        # rank 0's evaluation decides for everyone (the others wait here meanwhile)
+        shared = distributed.share_from_main([best, best_epoch, bad, elapsed], ctx, device)
+        best, best_epoch, bad, elapsed = shared[0], int(shared[1]), int(shared[2]), shared[3]
         if tc.patience and bad >= tc.patience:
             log(f"early stop: no {tc.valid_metric} improvement for {bad} epochs")
     if writer is not None:
         writer.close()
-    if best_epoch == 0:
+    if best_epoch == 0 and ctx.is_main:
         save_weights(model, run_dir / "model.safetensors", {**meta, "epoch": "0"})
 
 
