@@ -1,0 +1,86 @@
+"""Ingestion of a large interaction log: time and peak memory from Parquet to compact sequences.
+
+Usage:
+    python benchmarks/bench_ingest.py --rows 20000000 [--users 200000 --items 50000] [--dir /tmp]
+
+Writes a synthetic Parquet log (Zipf-popular items, random timestamps), then times reading it
+(`read_interactions`) and preprocessing it (5-core, chronological sort, vocabulary, flat
+storage). Peak RSS is the process maximum, sampled after each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retr.data.preprocess import Preprocessing, build_dataset
+from retr.data.readers import read_interactions
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_log(path: Path, rows: int, users: int, items: int, seed: int = 0) -> None:
+    """Write the log in row groups of 2M rows so generating it stays small too."""
+    rng = np.random.default_rng(seed)
+    writer = None
+    chunk = 2_000_000
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        table = pa.table({
+            "user_id": rng.integers(0, users, n).astype(np.int64),
+            "item_id": ((rng.zipf(1.2, n) - 1) % items).astype(np.int64),
+            "timestamp": rng.integers(1_000_000_000, 1_700_000_000, n).astype(np.int64),
+        })
+        if writer is None:
+            writer = pq.ParquetWriter(str(path), table.schema)
+        writer.write_table(table)
+    if writer is not None:
+        writer.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=20_000_000)
+    p.add_argument("--users", type=int, default=200_000)
+    p.add_argument("--items", type=int, default=50_000)
+    p.add_argument("--dir", type=Path, default=Path("/tmp"))
+    a = p.parse_args()
+    path = a.dir / f"retr-ingest-{a.rows}.parquet"
+    t0 = time.perf_counter()
+    if not path.exists():
+        write_log(path, a.rows, a.users, a.items)
+    gen_s = time.perf_counter() - t0
+    rss0 = peak_rss_mb()
+    t0 = time.perf_counter()
+    log = read_interactions(path)
+    read_s = time.perf_counter() - t0
+    rss_read = peak_rss_mb()
+    t0 = time.perf_counter()
+    ds = build_dataset(log, Preprocessing(5, 5), name=path.name)
+    prep_s = time.perf_counter() - t0
+    del log
+    print(json.dumps({
+        "rows": a.rows, "file_mb": round(path.stat().st_size / 2**20, 1),
+        "generate_seconds": round(gen_s, 1), "read_seconds": round(read_s, 1),
+        "preprocess_seconds": round(prep_s, 1),
+        "rows_per_second": round(a.rows / (read_s + prep_s)),
+        "peak_rss_mb_before_read": round(rss0), "peak_rss_mb_after_read": round(rss_read),
+        "peak_rss_mb": round(peak_rss_mb()),
+        "users": ds.n_users, "items": ds.n_items, "interactions": ds.n_interactions,
+        "compact_storage_mb": round((ds.items.nbytes + ds.offsets.nbytes
+                                     + (ds.timestamps.nbytes if ds.timestamps is not None else 0))
+                                    / 2**20, 1),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
