@@ -46,6 +46,18 @@ def _serve(run_dir: str, port: int, threads: int, max_batch: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", limit_concurrency=256)
 
 
+def _rss_mb(pid: int | None) -> float | None:
+    """Resident memory of process ``pid`` from /proc (None where /proc is unavailable)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
 def _wait_ready(url: str, timeout: float = 120.0) -> None:
     import httpx
 
@@ -172,10 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _wait_ready(url)
         _load_test(url, histories, 1, args.k, 1, min(1.0, args.seconds))  # warm-up
+        rss_before = _rss_mb(server.pid)
         results = [_in_process(args.run_dir, histories, args.k, args.seconds, args.threads)]
         for batch in batches:
             results.append(_load_test(url, histories, batch, args.k, args.concurrency,
                                       args.seconds))
+        rss_after = _rss_mb(server.pid)
     finally:
         server.terminate()
         server.join(10)
@@ -186,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
               "concurrency": args.concurrency, "seconds_per_scenario": args.seconds,
               "server_threads": args.threads, "host": "127.0.0.1",
               "python": platform.python_version(), "torch": torch.__version__,
-              "cpus": mp.cpu_count(), "results": results}
+              "cpus": mp.cpu_count(), "server_rss_mb_after_warmup": rss_before,
+              "server_rss_mb_after_load": rss_after, "results": results}
     print(json.dumps(report, indent=2))
     return 0
 
