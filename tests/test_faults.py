@@ -33,7 +33,8 @@ from retr.errors import RunDirError
 from retr.models import build_model
 from retr.runs import load_run
 from retr.serving.recommender import Recommender
-from retr.training.checkpoint import load_array, load_trainer_state, load_weights, read_json
+from retr.training.checkpoint import load_array, load_trainer_state, load_weights
+from retr.utils import read_json
 
 from .cli_run import one_error_line, run_cli
 

@@ -10,8 +10,9 @@ from retr.data.load import load_dataset
 from retr.errors import RunDirError
 from retr.models.base import SequentialRecommender
 from retr.text.transfer import build_run_model
-from retr.training.checkpoint import load_weights, read_json
+from retr.training.checkpoint import load_weights
 from retr.training.trainer import RunData, load_run_data
+from retr.utils import read_json
 
 
 @dataclass

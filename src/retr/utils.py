@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from retr.errors import RunDirError
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Write ``path`` via a temporary sibling then rename, so a crash never leaves half a file.
@@ -50,3 +52,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A run file holding one JSON object (config, env, results), or a RunDirError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunDirError(f"{path}: file missing from the run directory")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"{path}: corrupted JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise RunDirError(f"{path}: corrupted: expected a JSON object, found {type(obj).__name__}")
+    return obj

@@ -9,7 +9,6 @@ Internal item ids run 1..n_items; 0 is padding.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from retr.errors import DataError, RunDirError
-from retr.utils import atomic_write_json
+from retr.utils import atomic_write_json, read_json
 
 VOCAB_FORMAT_VERSION = 1
 
@@ -56,13 +55,7 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
-        path = Path(path)
-        if not path.is_file():
-            raise RunDirError(f"{path}: vocabulary file missing")
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RunDirError(f"{path}: vocabulary is not valid JSON ({exc})") from None
+        obj = read_json(path)
         try:
             return cls.from_json(obj)
         except RunDirError as exc:

@@ -26,7 +26,8 @@ from retr.evaluation.ranking import topk_items
 from retr.models.base import SequentialRecommender
 from retr.models.pop import Pop
 from retr.text.transfer import build_run_model
-from retr.training.checkpoint import load_array, load_weights, read_json, save_array
+from retr.training.checkpoint import load_array, load_weights, save_array
+from retr.utils import read_json
 
 UNKNOWN_POLICIES = ("skip", "error")
 EMPTY_POLICIES = ("error", "popularity")

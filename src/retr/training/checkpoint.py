@@ -20,7 +20,6 @@ previous good version in place.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -123,20 +122,6 @@ def load_array(path: str | Path) -> np.ndarray:
     if not isinstance(array, np.ndarray):
         raise RunDirError(f"{path}: corrupted array file (an archive, not one .npy array)")
     return array
-
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    """A run file holding one JSON object (config, env, results), or a RunDirError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise RunDirError(f"{path}: file missing from the run directory")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunDirError(f"{path}: corrupted JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise RunDirError(f"{path}: corrupted: expected a JSON object, found {type(obj).__name__}")
-    return obj
 
 
 def _one_line(exc: BaseException) -> str:

@@ -33,13 +33,12 @@ from retr.training.checkpoint import (
     load_array,
     load_trainer_state,
     load_weights,
-    read_json,
     save_array,
     save_trainer_state,
     save_weights,
 )
 from retr.training.losses import compute_loss
-from retr.utils import atomic_write_json, atomic_write_text
+from retr.utils import atomic_write_json, atomic_write_text, read_json
 
 
 class TrainingDiverged(RetrError):
