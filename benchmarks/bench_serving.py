@@ -187,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         rss_before = _rss_mb(server.pid)
         results = [_in_process(args.run_dir, histories, args.k, args.seconds, args.threads)]
         for batch in batches:
-            results.append(_load_test(url, histories, batch, args.k, args.concurrency,
-                                      args.seconds))
+            res = _load_test(url, histories, batch, args.k, args.concurrency, args.seconds)
+            res["server_rss_mb_after"] = _rss_mb(server.pid)
+            results.append(res)
         rss_after = _rss_mb(server.pid)
     finally:
         server.terminate()
