@@ -9,7 +9,7 @@ import pandas as pd
 from retr.config import DataConfig
 from retr.data.dataset import SequenceDataset
 from retr.data.preprocess import Preprocessing, build_dataset
-from retr.data.readers import ColumnMap, read_interactions
+from retr.data.readers import ColumnMap, detect_format, read_interactions
 from retr.errors import DataError
 
 
@@ -34,9 +34,29 @@ def read_log(cfg: DataConfig) -> tuple[pd.DataFrame, str]:
         names = ", ".join(e.name for e in registry.list_datasets())
         raise DataError(f"{source}: neither a file nor a known dataset; known datasets: synthetic, "
                         f"{names}")
-    columns = ColumnMap(user=cfg.user_col, item=cfg.item_col, timestamp=cfg.time_col,
-                        rating=cfg.rating_col)
-    return read_interactions(path, fmt=cfg.format, columns=columns), path.name
+    return read_interactions(path, fmt=cfg.format, columns=column_map(cfg)), path.name
+
+
+def column_map(cfg: DataConfig) -> ColumnMap:
+    return ColumnMap(user=cfg.user_col, item=cfg.item_col, timestamp=cfg.time_col,
+                     rating=cfg.rating_col)
+
+
+def parquet_file(cfg: DataConfig) -> Path | None:
+    """The source as a path when it is a parquet file (given or detected), else None."""
+    from retr.data import registry
+
+    source = cfg.source
+    if source == "synthetic" or source.startswith("synthetic:") or registry.is_registered(source):
+        return None
+    path = Path(source)
+    if not path.is_file():
+        return None
+    try:
+        fmt = cfg.format if cfg.format is not None else detect_format(path)
+    except DataError:  # read_log reports it
+        return None
+    return path if fmt == "parquet" else None
 
 
 def load_dataset(cfg: DataConfig) -> SequenceDataset:
@@ -45,5 +65,12 @@ def load_dataset(cfg: DataConfig) -> SequenceDataset:
         from retr.data.multidomain import load_multidomain
 
         return load_multidomain(cfg)
+    path = parquet_file(cfg)
+    if path is not None:  # streamed: never holds the ids as a DataFrame of strings
+        from retr.data.ingest import build_dataset_from_codes, read_parquet_codes
+
+        codes = read_parquet_codes(path, column_map(cfg))
+        return build_dataset_from_codes(codes, preprocessing_of(cfg), name=path.name,
+                                        source=cfg.source)
     log, name = read_log(cfg)
     return build_dataset(log, preprocessing_of(cfg), name=name, source=cfg.source)

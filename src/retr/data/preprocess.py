@@ -76,25 +76,60 @@ def build_dataset(log: pd.DataFrame, prep: Preprocessing = Preprocessing(), name
             raise DataError(f"{source}: no '{col}' column after reading; map it with --{col}-col")
     if len(log) == 0:
         raise DataError(f"{source}: no interactions found (is the file empty?)")
-    df = log
+    user_codes, user_uniques = pd.factorize(log["user"].astype(str), sort=False)
+    item_codes, item_uniques = pd.factorize(log["item"].astype(str), sort=False)
+    ts = log["timestamp"].to_numpy(dtype=np.float64) if "timestamp" in log.columns else None
+    ratings = log["rating"].to_numpy(dtype=np.float64) if "rating" in log.columns else None
+    return build_dataset_from_arrays(user_codes, item_codes, np.asarray(user_uniques),
+                                     np.asarray(item_uniques), ts, ratings, prep, name=name,
+                                     source=source)
+
+
+def _first_appearance(codes: np.ndarray, uniques: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Renumber ``codes`` in order of first appearance (a no-op when they already are).
+
+    Negative codes (missing ids, as ``pd.factorize`` marks them) stay -1.
+    """
+    if len(codes) == 0 or (codes[0] <= 0 and bool(
+            np.all(codes[1:] <= np.maximum.accumulate(codes)[:-1] + 1))):
+        return codes, uniques
+    if bool((codes < 0).any()):
+        new_codes, old = pd.factorize(np.where(codes < 0, np.nan, codes), sort=False)
+        return new_codes, uniques[np.asarray(old).astype(np.int64)]
+    new_codes, old = pd.factorize(codes, sort=False)
+    return new_codes, uniques[np.asarray(old)]
+
+
+def build_dataset_from_arrays(user_codes: np.ndarray, item_codes: np.ndarray,
+                              user_uniques: np.ndarray, item_uniques: np.ndarray,
+                              ts: np.ndarray | None, ratings: np.ndarray | None,
+                              prep: Preprocessing = Preprocessing(), name: str = "dataset",
+                              source: str = "input") -> SequenceDataset:
+    """:func:`build_dataset` on integer-coded rows in file order.
+
+    ``user_codes[r]`` indexes ``user_uniques`` (external ids; ``str()`` of each is the vocabulary
+    entry), likewise for items; ``ts`` and ``ratings`` are float64 per row or None.
+    """
+    if len(user_codes) == 0:
+        raise DataError(f"{source}: no interactions found (is the file empty?)")
     if prep.rating_threshold is not None:
-        if "rating" not in df.columns:
+        if ratings is None:
             raise DataError(f"{source}: a rating threshold was set but the data has no rating "
                             "column; map one with --rating-col or drop the threshold")
-        df = df[df["rating"].to_numpy(dtype=np.float64) >= prep.rating_threshold]
-    user_codes, user_uniques = pd.factorize(df["user"].astype(str), sort=False)
-    item_codes, item_uniques = pd.factorize(df["item"].astype(str), sort=False)
-    user_codes = user_codes.astype(np.int64)
-    item_codes = item_codes.astype(np.int64)
-    row = np.arange(len(df), dtype=np.int64)
-    ts = df["timestamp"].to_numpy(dtype=np.float64) if "timestamp" in df.columns else None
+        passed = np.asarray(ratings, dtype=np.float64) >= prep.rating_threshold
+        user_codes, item_codes = user_codes[passed], item_codes[passed]
+        ts = ts[passed] if ts is not None else None
+    # Users are sorted by code, so codes must follow first appearance among the rows kept.
+    user_codes, user_uniques = _first_appearance(np.asarray(user_codes), np.asarray(user_uniques))
     if ts is not None and np.isnan(ts).any():
         bad = int(np.flatnonzero(np.isnan(ts))[0])
         raise DataError(f"{source}: missing or unparsable timestamp in data row {bad + 1}; "
                         "fix the row or read without --time-col")
-    order = np.lexsort((row, ts, user_codes)) if ts is not None else np.lexsort((row, user_codes))
+    # lexsort is stable, so equal (user, timestamp) keys keep their original row order.
+    order = np.lexsort((ts, user_codes)) if ts is not None else np.argsort(user_codes, kind="stable")
     user_codes, item_codes = user_codes[order], item_codes[order]
     ts = ts[order] if ts is not None else None
+    del order
     if prep.dedupe_consecutive and len(user_codes) > 1:
         dup = np.zeros(len(user_codes), dtype=bool)
         dup[1:] = (user_codes[1:] == user_codes[:-1]) & (item_codes[1:] == item_codes[:-1])
@@ -110,20 +145,21 @@ def build_dataset(log: pd.DataFrame, prep: Preprocessing = Preprocessing(), name
             + (f", rating>={prep.rating_threshold}" if prep.rating_threshold is not None else "")
             + "); lower the thresholds, e.g. --set data.min_user_interactions=0")
     # Re-index to dense ids in order of first appearance of the (sorted) survivors.
-    u_new, u_idx = np.unique(user_codes, return_index=True)
-    u_first_order = u_new[np.argsort(u_idx, kind="stable")]
+    u_first_order = np.asarray(pd.unique(user_codes))
     u_map = np.full(len(user_uniques), -1, dtype=np.int64)
     u_map[u_first_order] = np.arange(len(u_first_order))
-    i_new, i_idx = np.unique(item_codes, return_index=True)
-    i_first_order = i_new[np.argsort(i_idx, kind="stable")]
+    i_first_order = np.asarray(pd.unique(item_codes))
     i_map = np.zeros(len(item_uniques), dtype=np.int64)
     i_map[i_first_order] = np.arange(1, len(i_first_order) + 1)
     users = u_map[user_codes]
     items = i_map[item_codes]
-    # Sorting was by original user code; re-sort by the new dense user id (stable keeps time order).
-    order = np.argsort(users, kind="stable")
-    users, items = users[order], items[order]
-    ts = ts[order] if ts is not None else None
+    del user_codes, item_codes
+    # Rows are grouped by user code; re-sort by the new dense user id when that order differs
+    # (stable keeps time order).
+    if len(users) > 1 and bool(np.any(users[1:] < users[:-1])):
+        order = np.argsort(users, kind="stable")
+        users, items = users[order], items[order]
+        ts = ts[order] if ts is not None else None
     counts = np.bincount(users, minlength=len(u_first_order))
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
