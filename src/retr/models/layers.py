@@ -153,7 +153,8 @@ def attention_mask(real: torch.Tensor, causal: bool) -> torch.Tensor:
         future = torch.ones(n, n, dtype=torch.bool, device=real.device).tril()  # [N, N] k <= q
         allowed = allowed & future  # [B, 1, N, N]
     eye = torch.eye(n, dtype=torch.bool, device=real.device)  # [N, N]
-    return torch.where(real[:, None, :, None], allowed, eye)  # [B, 1, N, N]
+    q_real = real[:, None, :, None]  # [B, 1, N, 1]
+    return (q_real & allowed) | (~q_real & eye)  # [B, 1, N, N] (boolean ops: exportable)
 
 
 class MultiHeadAttention(nn.Module):

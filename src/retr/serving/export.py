@@ -88,41 +88,6 @@ def sample_inputs(recommender: Recommender, batch: int, seed: int = 0) -> torch.
     return torch.from_numpy(out)
 
 
-def _legalize_bool_where(path: Path) -> None:
-    """Rewrite Where on boolean tensors as And/Or/Not: onnxruntime has no boolean Where kernel.
-
-    The attention mask is built with ``torch.where`` over booleans, which the exporter keeps as
-    one Where node; ``(c and x) or (not c and y)`` is the same function with supported ops.
-    """
-    import onnx
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(path))
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in (
-        *inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
-    types.update({t.name: t.data_type for t in model.graph.initializer})
-    nodes = []
-    changed = False
-    for node in model.graph.node:
-        if node.op_type == "Where" and all(types.get(i) == TensorProto.BOOL for i in node.input[1:]):
-            cond, x, y = node.input
-            base = node.name or node.output[0]
-            nodes += [helper.make_node("And", [cond, x], [f"{base}_a"], name=f"{base}_and_x"),
-                      helper.make_node("Not", [cond], [f"{base}_n"], name=f"{base}_not"),
-                      helper.make_node("And", [f"{base}_n", y], [f"{base}_b"], name=f"{base}_and_y"),
-                      helper.make_node("Or", [f"{base}_a", f"{base}_b"], list(node.output),
-                                       name=f"{base}_or")]
-            changed = True
-        else:
-            nodes.append(node)
-    if changed:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        onnx.checker.check_model(model)
-        onnx.save(model, str(path))
-
-
 def export_onnx(recommender: Recommender, path: str | Path, opset: int = OPSET,
                 check: bool = True) -> ExportReport:
     """Export the scoring graph to ``path`` and compare it with PyTorch on sampled histories."""
@@ -155,7 +120,6 @@ def export_onnx(recommender: Recommender, path: str | Path, opset: int = OPSET,
             if program is None:
                 raise ExportError("torch.onnx.export returned no program")
             program.save(str(path))
-        _legalize_bool_where(path)
     except ExportError:
         raise
     except Exception as exc:  # the exporter raises many types; report them as one error
