@@ -122,3 +122,21 @@ def test_divergence_stops_with_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     if code != 0:
         assert "loss became" in err and "untouched" in err
+
+
+def test_missing_tensorboard_fails_before_writing(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    d = tmp_path / "tb"
+    code = main(["train", "--data", DATA, "--model", "sasrec", "--out", str(d),
+                 *_sets("sasrec", 1, ["train.tensorboard=true"])])
+    assert code != 0 and "pip install tensorboard" in capsys.readouterr().err
+    assert not d.exists() or not any(d.iterdir())

@@ -181,6 +181,8 @@ def _quiet(msg: str) -> None:
 def _train(cfg: RunConfig, dataset: SequenceDataset, run_dir: Path, resume: bool, log: Any,
            model: SequentialRecommender, fit: bool, ctx: distributed.Context,
            device: torch.device) -> dict[str, Any]:
+    if cfg.train.tensorboard and ctx.is_main:
+        _summary_writer_class()  # fail before anything is written, not after the first epoch
     if ctx.is_main:
         _remove_stale_temporaries(run_dir)
     trainable = getattr(model, "trainable", True)
@@ -389,13 +391,17 @@ def _json_line(obj: dict[str, Any]) -> str:
     return json.dumps(obj) + "\n"
 
 
-def _tensorboard(run_dir: Path) -> Any:
+def _summary_writer_class() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise RetrError("train.tensorboard = true needs the tensorboard package: "
-                        "pip install tensorboard") from None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+                        "pip install tensorboard (or set train.tensorboard = false)") from None
+    return SummaryWriter
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    return _summary_writer_class()(str(run_dir / "tensorboard"))
 
 
 def final_evaluation(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: Path,
