@@ -8,9 +8,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import settings
 
 from retr.data.dataset import SequenceDataset
 from retr.data.preprocess import NO_PREPROCESSING, build_dataset
+
+# CI runs a fixed set of generated examples (reproducible, never flaky); local runs explore.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def make_log(seqs: dict[str, list[str]], with_time: bool = True) -> pd.DataFrame:
