@@ -53,7 +53,7 @@ import io
 import json
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -652,3 +652,24 @@ def _show(value: object, limit: int = 40) -> str:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
+
+
+def iter_json_objects(path: str | Path, errors: str = "strict") -> Iterator[dict[str, object]]:
+    """The JSON objects of a JSON-lines file, one per non-blank line (``.gz`` read transparently).
+
+    For side files (histories to score, item metadata); interaction logs go through
+    :func:`read_interactions`. A bad line raises a DataError naming ``file:line``.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors=errors) as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{number}: each line must be a JSON object")
+            yield obj

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retr.data.readers import iter_json_objects
 from retr.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -217,19 +218,7 @@ def _read_jsonl(path: str) -> pd.DataFrame:
     """JSON lines as they are: no type or date guessing on ids and timestamps."""
     import pandas as pd
 
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: each line must be a JSON object")
-            records.append(record)
-    return pd.DataFrame.from_records(records)
+    return pd.DataFrame.from_records(list(iter_json_objects(path)))
 
 
 def _item_str(value: Any) -> str:

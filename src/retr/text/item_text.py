@@ -32,13 +32,13 @@ from __future__ import annotations
 import csv
 import gzip
 import html
-import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 from retr.config import DataConfig
+from retr.data.readers import iter_json_objects
 from retr.errors import ConfigError, DataError
 
 MAX_CHARS = 2000
@@ -85,19 +85,6 @@ def _locate(root: Path, rel: str) -> Path | None:
         if (root / candidate).is_file():
             return root / candidate
     return None
-
-
-def _json_lines(path: Path) -> Iterator[dict[str, object]]:
-    with _open_text(path) as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
-            if isinstance(obj, dict):
-                yield obj
 
 
 def _movie_text(title: str, genres: list[str]) -> str:
@@ -162,7 +149,7 @@ def _magazine(root: Path) -> dict[str, str]:
     if path is None:
         return {}
     out = {}
-    for obj in _json_lines(path):
+    for obj in iter_json_objects(path, errors="replace"):
         asin = obj.get("asin")
         if not isinstance(asin, str):
             continue
@@ -181,7 +168,7 @@ def _musical_instruments(root: Path) -> dict[str, str]:
     if path is None:
         return {}
     reviews: dict[str, list[tuple[float, int, str, str]]] = {}
-    for row, obj in enumerate(_json_lines(path)):
+    for row, obj in enumerate(iter_json_objects(path, errors="replace")):
         asin = obj.get("asin")
         if not isinstance(asin, str):
             continue
