@@ -22,6 +22,15 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rating-col", help="column holding ratings")
 
 
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The options every training command shares: config file, overrides, seed, JSON output."""
+    p.add_argument("--config", help="TOML config file (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.001 (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="print the final results as JSON")
+
+
 def _data_overrides(args: argparse.Namespace) -> list[str]:
     out = []
     for flag, key in (("fmt", "format"), ("user_col", "user_col"), ("item_col", "item_col"),
@@ -72,12 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="registry name, synthetic[:k=v,...] or a file path")
     t.add_argument("--model", help="model name (retr, sasrec, bert4rec, gru4rec, pop)")
     t.add_argument("--out", help="run directory to create")
-    t.add_argument("--config", help="TOML config file (see configs/)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=0.001 (repeatable)")
-    t.add_argument("--seed", type=int)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    t.add_argument("--json", action="store_true", help="print the final results as JSON")
+    add_config_args(t)
     _data_args(t)
 
     e = sub.add_parser("evaluate", help="evaluate a run's selected weights")
@@ -93,10 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", default="synthetic")
     c.add_argument("--models", default="pop,sasrec,retr", help="comma-separated model names")
     c.add_argument("--out", default="runs/compare")
-    c.add_argument("--config", help="TOML config applied to every model")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    c.add_argument("--seed", type=int)
-    c.add_argument("--json", action="store_true")
+    add_config_args(c)
     _data_args(c)
 
     cfg = sub.add_parser("config", help="show the resolved configuration")

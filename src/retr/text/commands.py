@@ -20,12 +20,10 @@ from retr.errors import ConfigError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from retr.cli import add_config_args
+
     p.add_argument("--out", help="run directory to create")
-    p.add_argument("--config", help="TOML config file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=20 (repeatable)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--json", action="store_true", help="print the final results as JSON")
+    add_config_args(p)
 
 
 def register(subparsers: Any) -> None:
