@@ -3,8 +3,9 @@
 Usage:
     python benchmarks/grid.py benchmarks/grids/fast.toml --out benchmarks/results [--dry-run]
 
-A grid file lists ``[[run]]`` tables (recipe config, optional label and ``--set`` overrides)
-and the seeds. Each run trains into ``<out>/runs/<label>-seed<k>`` and writes
+A grid file lists ``[[run]]`` tables (recipe config, optional label and ``--set`` overrides),
+the seeds, optional top-level ``set`` overrides applied to every run before its own (the
+budget, for example) and the ``table`` of RESULTS.md its rows belong to. Each run trains into ``<out>/runs/<label>-seed<k>`` and writes
 ``<out>/<label>-seed<k>.json`` holding the run's results.json, its per-epoch budget and the
 exact command that made it. Finished runs are skipped, so a killed grid resumes where it
 stopped. `benchmarks/make_results.py` turns the JSON files into RESULTS.md.
@@ -23,25 +24,60 @@ from pathlib import Path
 from typing import Any
 
 
-def load_grid(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+def load_grid(path: Path) -> tuple[list[dict[str, Any]], list[int], str]:
     grid = tomllib.loads(path.read_text(encoding="utf-8"))
     runs = grid.get("run", [])
     if not runs:
         raise SystemExit(f"{path}: no [[run]] tables")
+    shared = list(grid.get("set", []))
     for r in runs:
         if "config" not in r:
             raise SystemExit(f"{path}: every [[run]] needs a 'config' recipe path")
         r.setdefault("label", Path(r["config"]).stem)
-        r.setdefault("set", [])
-    return runs, [int(s) for s in grid.get("seeds", [0, 1, 2])]
+        r["set"] = shared + list(r.get("set", []))
+    return runs, [int(s) for s in grid.get("seeds", [0, 1, 2])], str(grid.get("table", "intra-domain"))
 
 
 def command(run: dict[str, Any], seed: int, run_dir: Path) -> list[str]:
-    argv = [sys.executable, "-m", "retr", "train", "--config", run["config"], "--out", str(run_dir),
+    argv = ["train", "--config", run["config"], "--out", str(run_dir),
             "--seed", str(seed), "--set", "train.progress=false", "--json"]
     for s in run["set"]:
         argv += ["--set", s]
     return argv
+
+
+def run_and_record(out: Path, name: str, argv: list[str], run_dir: Path,
+                   extra: dict[str, Any]) -> bool:
+    """Run one ``retr`` command (``argv`` after ``retr``) unless its record exists.
+
+    Writes ``<out>/<name>.json``: ``extra`` plus the exact command, wall time, epochs, training
+    seconds and the command's JSON results. A run directory left by a killed run resumes.
+    Returns whether the record exists afterwards.
+    """
+    record_path = out / f"{name}.json"
+    if record_path.exists():
+        return True
+    shown = " ".join(shlex.quote(a) for a in ["retr", *argv])
+    full = [sys.executable, "-m", "retr", *argv]
+    if (run_dir / "trainer_state.pt").exists():
+        full = [sys.executable, "-m", "retr", "train", "--resume", str(run_dir), "--json"]
+    print(f"[grid] {name}: {shown}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(full, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(f"[grid] {name} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        return False
+    results = json.loads(proc.stdout)
+    metrics = run_dir / "metrics.jsonl"
+    epochs = [json.loads(line) for line in metrics.read_text().splitlines()] \
+        if metrics.exists() else []
+    record = {**extra, "command": shown, "wall_seconds": round(wall, 1), "epochs": len(epochs),
+              "train_seconds": round(sum(e["train_seconds"] for e in epochs), 1),
+              "results": results}
+    record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(f"[grid] {name} done in {wall:.0f}s", flush=True)
+    return True
 
 
 def main() -> None:
@@ -50,39 +86,20 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args()
-    runs, seeds = load_grid(args.grid)
+    runs, seeds, table = load_grid(args.grid)
     args.out.mkdir(parents=True, exist_ok=True)
     for run in runs:
         for seed in seeds:
             name = f"{run['label']}-seed{seed}"
-            record_path = args.out / f"{name}.json"
-            if record_path.exists():
-                continue
             run_dir = args.out / "runs" / name
             argv = command(run, seed, run_dir)
-            shown = " ".join(shlex.quote(a) for a in ["retr", *argv[3:]])
             if args.dry_run:
-                print(shown)
+                if not (args.out / f"{name}.json").exists():
+                    print(" ".join(shlex.quote(a) for a in ["retr", *argv]))
                 continue
-            if (run_dir / "trainer_state.pt").exists():
-                argv = [sys.executable, "-m", "retr", "train", "--resume", str(run_dir), "--json"]
-            print(f"[grid] {name}: {shown}", flush=True)
-            t0 = time.perf_counter()
-            proc = subprocess.run(argv, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if proc.returncode != 0:
-                print(f"[grid] {name} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
-                continue
-            results = json.loads(proc.stdout)
-            epochs = [json.loads(line) for line in
-                      (run_dir / "metrics.jsonl").read_text().splitlines()] \
-                if (run_dir / "metrics.jsonl").exists() else []
-            record = {"label": run["label"], "config": run["config"], "seed": seed,
-                      "command": shown, "wall_seconds": round(wall, 1), "epochs": len(epochs),
-                      "train_seconds": round(sum(e["train_seconds"] for e in epochs), 1),
-                      "results": results}
-            record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-            print(f"[grid] {name} done in {wall:.0f}s", flush=True)
+            run_and_record(args.out, name, argv, run_dir,
+                           {"table": table, "label": run["label"],
+                            "config": run["config"], "seed": seed})
 
 
 if __name__ == "__main__":

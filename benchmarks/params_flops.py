@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/params_flops.py [--hidden 256 --heads 4 --layers 2 --max-len 200 --items 3416]
+        [--json-out benchmarks/results/params_flops.json]
 
 FLOPs are counted by torch's FlopCounterMode on one full-length sequence (matrix products and
 attention; element-wise work is not counted), excluding the final scoring against all items,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,6 +29,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--max-len", type=int, default=200)
     p.add_argument("--items", type=int, default=3416)
+    p.add_argument("--json-out", type=Path, help="also write the JSON here (make_results.py reads it)")
     a = p.parse_args()
     common = {"hidden_size": a.hidden, "num_heads": a.heads, "num_layers": a.layers,
               "max_len": a.max_len}
@@ -50,7 +53,11 @@ def main() -> None:
         r["parameters_vs_sasrec"] = round(r["parameters"] / base["parameters"], 3)
         r["flops_vs_sasrec"] = round(r["forward_gflops_per_sequence"]
                                      / base["forward_gflops_per_sequence"], 3)
-    print(json.dumps({"config": vars(a), "models": rows}, indent=2))
+    config = {k: v for k, v in vars(a).items() if k != "json_out"}
+    text = json.dumps({"config": config, "models": rows}, indent=2)
+    print(text)
+    if a.json_out:
+        a.json_out.write_text(text + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

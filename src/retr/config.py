@@ -73,6 +73,9 @@ class TrainConfig:
     epochs: maximum epochs; patience: early stop after this many validations without
     improvement of ``valid_metric`` under ``valid_protocol`` (paper: 10).
     deterministic: torch deterministic algorithms (exact resume on CPU).
+    precision: "fp32" (the paper) or "bf16" (autocast of the training forward pass and loss;
+    about 2.5x faster output-layer matmuls on CPUs with bf16 units; weights, optimizer state
+    and evaluation stay fp32).
     """
 
     loss: str = "bpr"
@@ -93,8 +96,11 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     max_minutes: float = 0.0
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.loss not in ("bpr", "bce", "ce", "sampled_softmax", "gbce"):
             raise ConfigError("train.loss must be one of bpr, bce, ce, sampled_softmax, gbce; "
                               f"got {self.loss!r}")

@@ -307,10 +307,11 @@ def _fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: P
             idx, counted = ctx.shard(perm[start:start + tc.batch_size])
             inputs, targets = training_batch(model, data, split.train_users[idx],
                                              split.train_lengths[idx], gen, device)
-            hidden = ddp(inputs).hidden  # [B, N, d]
-            mask = targets > 0
-            loss = compute_loss(tc.loss, model, hidden[mask], targets[mask], gen, tc.negatives,
-                                tc.gbce_t)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+                hidden = ddp(inputs).hidden  # [B, N, d]
+                mask = targets > 0
+                loss = compute_loss(tc.loss, model, hidden[mask], targets[mask], gen,
+                                    tc.negatives, tc.gbce_t).float()
             step_loss = loss  # the step's mean loss over every rank's target positions
             if ctx.enabled:
                 loss, step_loss = distributed.global_mean(

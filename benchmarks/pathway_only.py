@@ -1,0 +1,115 @@
+"""The pathway-only experiment (spec "Claims"): retrain on the tokens a trained RETR keeps.
+
+Usage:
+    python benchmarks/pathway_only.py RETR_RUN_DIR --out benchmarks/results [--seeds 0,1,2]
+        [--set train.epochs=5 ...]
+
+A trained RETR run (leave-one-out split) routes every user's training history (the last
+``max_len`` items before the validation target, deterministic inference route of the last
+layer; with the hierarchical update a token kept there was kept in every layer). Three
+datasets are written, each user's history followed by the same validation and test targets:
+
+- ``all``: the window unchanged (the baseline: same truncation, no k-core, as the others);
+- ``pathway``: only the tokens on the route;
+- ``off-pathway``: only the tokens off it.
+
+SASRec is trained on each, and RETR on ``pathway``, with the run's fast recipe
+(``configs/<model>-<dataset>-fast.toml``) and its loss. The paper's claim: pathway-only
+loses little, off-pathway hurts badly. Items that never occur any more leave the catalogue,
+so full ranking runs over a slightly smaller item set on the filtered data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grid import run_and_record
+from retr.runs import load_run
+
+BATCH = 256
+
+
+def routes(run_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, dict[str, object]]:
+    """Users, padded windows [U, N], keep mask [U, N], targets [U, 2], and route stats."""
+    run = load_run(run_dir)
+    if run.config.split.kind != "loo":
+        raise SystemExit(f"{run_dir}: the experiment needs a leave-one-out run")
+    if run.config.model_name != "retr":
+        raise SystemExit(f"{run_dir}: not a RETR run (model {run.config.model_name!r})")
+    dataset, split = run.data.dataset, run.data.split
+    valid = split.examples("valid")
+    seqs = dataset.padded_prefixes(valid.users, valid.lengths, run.model.max_len)  # [U, N]
+    keep = np.zeros(seqs.shape, dtype=bool)
+    model = run.model.eval()
+    with torch.no_grad():
+        for start in range(0, len(seqs), BATCH):
+            batch = torch.from_numpy(seqs[start:start + BATCH])
+            out = model(batch, output_attentions=True)
+            assert out.routes is not None
+            keep[start:start + BATCH] = (out.routes[-1] > 0.5).numpy() & (batch > 0).numpy()
+    ends = dataset.offsets[valid.users] + valid.lengths
+    targets = np.stack([dataset.items[ends], dataset.items[ends + 1]], axis=1)  # [U, 2]
+    real = seqs > 0
+    stats = {"users": int(len(seqs)), "window_tokens": int(real.sum()),
+             "kept_fraction": round(float(keep.sum() / max(real.sum(), 1)), 4),
+             "users_with_empty_pathway": int(((keep.sum(1) == 0)).sum()),
+             "users_with_empty_off_pathway": int(((real & ~keep).sum(1) == 0).sum())}
+    return [dataset.vocab.users[u] for u in valid.users], seqs, keep, targets, stats
+
+
+def write_variant(path: Path, users: list[str], seqs: np.ndarray, keep: np.ndarray,
+                  targets: np.ndarray, item_names: list[str]) -> None:
+    """One ``user item ...`` line per user: the kept history, then the two held-out targets."""
+    lines = []
+    for u, row, k, tg in zip(users, seqs, keep, targets, strict=True):
+        items = [item_names[i] for i in row[k]] + [item_names[i] for i in tg]
+        lines.append(" ".join([u, *items]))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="a trained RETR run directory (leave-one-out)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--set", action="append", default=[], help="extra overrides for every run")
+    args = p.parse_args()
+    cfg = json.loads((args.run / "config.json").read_text())
+    source, loss = cfg["data"]["source"], cfg["train"]["loss"]
+    data_dir = args.out / "runs" / f"pathway-data-{args.run.name}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    users, seqs, keep, targets, stats = routes(args.run)
+    (data_dir / "routes.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"[pathway] {args.run}: {stats}", flush=True)
+    vocab = json.loads((args.run / "vocab.json").read_text())
+    item_names = ["<pad>", *[str(i) for i in vocab["items"]]]
+    real = seqs > 0
+    variants = {"all": real, "pathway": keep, "off-pathway": real & ~keep}
+    for name, mask in variants.items():
+        write_variant(data_dir / f"{name}.txt", users, seqs, mask, targets, item_names)
+    runs = [("sasrec", v) for v in variants] + [("retr", "pathway")]
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for model, variant in runs:
+            label = f"{model}-{loss}-{source}-{variant}"
+            name = f"po-{label}-seed{seed}"
+            run_dir = args.out / "runs" / name
+            argv = ["train", "--config", f"configs/{model}-{source}-fast.toml",
+                    "--out", str(run_dir), "--seed", str(seed), "--json",
+                    "--set", f"data.source={data_dir / (variant + '.txt')}",
+                    "--set", "data.format=user-lines", "--set", "data.min_user_interactions=0",
+                    "--set", "data.min_item_interactions=0", "--set", f"train.loss={loss}",
+                    "--set", "train.progress=false", "--set", "train.threads=1"]
+            for s in args.set:
+                argv += ["--set", s]
+            run_and_record(args.out, name, argv, run_dir,
+                           {"table": "pathway-only", "label": label, "seed": seed,
+                            "routes": stats, "retr_run": str(args.run)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The benchmark scripts: grid records, RESULTS.md generation, pathway-only data, X-RETR plan."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import cross_domain  # noqa: E402
+import grid  # noqa: E402
+import make_results  # noqa: E402
+import pathway_only  # noqa: E402
+
+TINY = "synthetic:n_users=150,n_items=150,n_themes=10,min_len=10,max_len=16,seed=1"
+
+
+def _record(label: str, seed: int, full: float, sampled: float, table: str = "intra-domain",
+            epochs: int = 4) -> dict:
+    def res(protocol: str, value: float) -> dict:
+        extra = {"negatives": 100, "negative_sampling": "uniform"} if protocol == "sampled" else {}
+        return {"split": "test", "protocol": protocol, **extra,
+                "metrics": {"HR@10": 2 * value, "NDCG@10": value, "MRR": value / 2}}
+    return {"table": table, "label": label, "seed": seed, "epochs": epochs,
+            "train_seconds": 10.0 * epochs,
+            "command": f"retr train --config c.toml --seed {seed} --set train.epochs=5",
+            "results": {"dataset": "toy", "results": [res("full", full),
+                                                      res("sampled", sampled),
+                                                      {"split": "valid", "protocol": "full",
+                                                       "metrics": {}}]}}
+
+
+def test_results_mean_std_and_head_to_head(tmp_path: Path) -> None:
+    records = [_record("sasrec-ce-toy", 0, 0.10, 0.5), _record("sasrec-ce-toy", 1, 0.20, 0.5),
+               _record("retr-ce-toy", 0, 0.12, 0.6), _record("retr-ce-toy", 1, 0.18, 0.6),
+               _record("retr-ce-toy-no-router", 0, 0.05, 0.4, table="ablation")]
+    text = make_results.build(records, tmp_path)
+    # mean ± sample std of 0.10 and 0.20
+    assert "| sasrec-ce-toy | toy | 0,1 | all items | 0.3000 ± 0.1414 | 0.1500 ± 0.0707 |" in text
+    assert "1 + 100 uniform" in text
+    assert "4 / 5" in text and "10.0" in text  # budget: epochs run / cap, s per epoch
+    # RETR vs SASRec: 0.15 vs 0.15 full (+0.0 %), 0.6 vs 0.5 sampled (+20.0 %)
+    assert "| retr-ce-toy | sasrec-ce-toy | 0.1500 | 0.1500 | +0.0 % | 0.6000 | 0.5000 | +20.0 % |" \
+        in text
+    assert "## Ablations" in text and "retr-ce-toy-no-router" in text
+    assert text.index("## Intra-domain") < text.index("## Ablations")
+    assert "## Cross-domain" not in text  # no records, no section
+
+
+def test_results_cli_skips_other_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.json").write_text(json.dumps(_record("pop-toy", 0, 0.01, 0.2, epochs=0)))
+    (tmp_path / "speed_raw.json").write_text(json.dumps({"rows": []}))
+    out = tmp_path / "R.md"
+    monkeypatch.setattr(sys, "argv", ["make_results.py", str(tmp_path), "--out", str(out)])
+    make_results.main()
+    text = out.read_text()
+    assert "pop-toy" in text and "no training" in text
+
+
+def test_grid_shared_overrides_and_table(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('table = "ablation"\nseeds = [3]\nset = ["train.threads=1"]\n'
+                    '[[run]]\nconfig = "configs/pop-beauty.toml"\nset = ["train.epochs=2"]\n')
+    runs, seeds, table = grid.load_grid(path)
+    assert seeds == [3] and table == "ablation"
+    assert runs[0]["label"] == "pop-beauty"
+    assert runs[0]["set"] == ["train.threads=1", "train.epochs=2"]  # shared first, own wins
+    argv = grid.command(runs[0], 3, tmp_path / "run")
+    assert argv[:2] == ["train", "--config"] and argv[-1] == "train.epochs=2"
+
+
+def test_run_and_record_writes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETR_DATA_DIR", str(tmp_path / "data"))
+    run_dir = tmp_path / "runs" / "pop"
+    argv = ["train", "--data", TINY, "--model", "pop", "--out", str(run_dir), "--json"]
+    assert grid.run_and_record(tmp_path, "pop", argv, run_dir, {"label": "pop", "seed": 0})
+    record = json.loads((tmp_path / "pop.json").read_text())
+    assert record["command"].startswith("retr train --data") and record["epochs"] == 0
+    assert {r["protocol"] for r in record["results"]["results"]} == {"full", "sampled"}
+    (tmp_path / "pop.json").write_text(json.dumps({**record, "marker": 1}))
+    assert grid.run_and_record(tmp_path, "pop", argv, run_dir, {})  # exists: not rerun
+    assert json.loads((tmp_path / "pop.json").read_text())["marker"] == 1
+    bad = ["train", "--data", TINY, "--model", "nope", "--out", str(tmp_path / "x"), "--json"]
+    assert not grid.run_and_record(tmp_path, "bad", bad, tmp_path / "x", {})
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_cross_domain_plan_orders_dependencies(tmp_path: Path) -> None:
+    steps = cross_domain.plan(tmp_path, [0, 1])
+    names = [s[0] for s in steps]
+    assert len(names) == len(set(names))
+    finished: set[Path] = set()
+    for name, argv, run_dir, extra in steps:
+        if argv[0] == "finetune":
+            assert Path(argv[1]) in finished, f"{name} runs before its pre-training"
+            assert ("--zero-shot" in argv) == ("zeroshot" in name)
+            assert "--zero-shot" in argv or "--freeze-backbone" in argv
+        if argv[0] == "pretrain":
+            assert not set(cross_domain.TARGETS) & set(argv[1:argv.index("--model")])
+        assert argv[argv.index("--seed") + 1] == str(extra["seed"])
+        finished.add(run_dir)
+    tables = {s[3]["table"] for s in steps}
+    assert tables == {"pretrain", "cross-domain"}
+
+
+@pytest.mark.slow
+def test_pathway_only_variants_partition_the_window(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from retr.cli import main as cli
+
+    monkeypatch.setenv("RETR_DATA_DIR", str(tmp_path / "data"))
+    run = tmp_path / "retr"
+    assert cli(["train", "--data", TINY, "--model", "retr", "--out", str(run),
+                "--set", "train.epochs=1", "--set", "model.max_len=8",
+                "--set", "model.hidden_size=16", "--set", "model.num_heads=1",
+                "--set", "train.progress=false"]) == 0
+    users, seqs, keep, targets, stats = pathway_only.routes(run)
+    real = seqs > 0
+    assert not (keep & ~real).any()  # padding is never on the route
+    assert stats["window_tokens"] == int(real.sum())
+    assert 0.0 <= stats["kept_fraction"] <= 1.0
+    names = ["<pad>"] + [f"i{k}" for k in range(1, int(seqs.max()) + 2)]
+    files = {}
+    for variant, mask in {"all": real, "pathway": keep, "off": real & ~keep}.items():
+        files[variant] = tmp_path / f"{variant}.txt"
+        pathway_only.write_variant(files[variant], users, seqs, mask, targets, names)
+    rows = {v: [ln.split() for ln in f.read_text().splitlines()] for v, f in files.items()}
+    for a, p, o, tg in zip(rows["all"], rows["pathway"], rows["off"], targets, strict=True):
+        assert a[0] == p[0] == o[0]  # same user
+        assert a[-2:] == p[-2:] == o[-2:] == [names[t] for t in tg]  # same held-out targets
+        assert len(a) - 3 == (len(p) - 3) + (len(o) - 3)  # kept + dropped = window
+    assert np.array_equal(np.array([len(r) - 3 for r in rows["all"]]), real.sum(1))
