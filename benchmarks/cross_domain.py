@@ -40,6 +40,13 @@ def _sets(*groups: list[str]) -> list[str]:
     return [a for g in groups for s in g for a in ("--set", s)]
 
 
+def _target_step(target: str, kind: str, seed: int, argv: list[str],
+                 run_dir: Path) -> tuple[str, list[str], Path, dict[str, object]]:
+    label = f"xd-{target}-{kind}"
+    return f"{label}-seed{seed}", argv, run_dir, {"table": "cross-domain", "label": label,
+                                                  "seed": seed}
+
+
 def plan(out: Path, seeds: list[int]) -> list[tuple[str, list[str], Path, dict[str, object]]]:
     """Every step in dependency order: (record name, retr argv, run dir, record fields)."""
     runs = out / "runs"
@@ -55,24 +62,19 @@ def plan(out: Path, seeds: list[int]) -> list[tuple[str, list[str], Path, dict[s
             steps.append((name, argv, pre[model],
                           {"table": "pretrain", "label": f"xd-pretrain-x{model}", "seed": seed}))
         for target in TARGETS:
-            def add(kind: str, argv: list[str], run_dir: Path) -> None:
-                label = f"xd-{target}-{kind}"
-                steps.append((f"{label}-seed{seed}", argv, run_dir,
-                              {"table": "cross-domain", "label": label, "seed": seed}))
-
             d = runs / f"xd-{target}-scratch-retr-seed{seed}"
-            add("scratch-retr", ["train", "--data", target, "--model", "retr", "--out", str(d),
-                                 "--seed", str(seed), "--json",
-                                 *_sets(COMMON, MODEL_SETS["retr"], TARGET_EPOCHS)], d)
+            argv = ["train", "--data", target, "--model", "retr", "--out", str(d), "--seed",
+                    str(seed), "--json", *_sets(COMMON, MODEL_SETS["retr"], TARGET_EPOCHS)]
+            steps.append(_target_step(target, "scratch-retr", seed, argv, d))
             for model in ("retr", "sasrec"):
                 d = runs / f"xd-{target}-x{model}-seed{seed}"
-                add(f"x{model}-frozen", ["finetune", str(pre[model]), "--data", target,
-                                          "--out", str(d), "--freeze-backbone", "--seed",
-                                          str(seed), "--json", *_sets(TARGET_EPOCHS)], d)
+                argv = ["finetune", str(pre[model]), "--data", target, "--out", str(d),
+                        "--freeze-backbone", "--seed", str(seed), "--json", *_sets(TARGET_EPOCHS)]
+                steps.append(_target_step(target, f"x{model}-frozen", seed, argv, d))
                 d = runs / f"xd-{target}-zeroshot-x{model}-seed{seed}"
-                add(f"zeroshot-x{model}", ["finetune", str(pre[model]), "--data", target,
-                                           "--out", str(d), "--zero-shot", "--seed", str(seed),
-                                           "--json"], d)
+                argv = ["finetune", str(pre[model]), "--data", target, "--out", str(d),
+                        "--zero-shot", "--seed", str(seed), "--json"]
+                steps.append(_target_step(target, f"zeroshot-x{model}", seed, argv, d))
     return steps
 
 

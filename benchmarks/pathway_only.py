@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from grid import run_and_record
+
 from retr.runs import load_run
 
 BATCH = 256
