@@ -1,7 +1,7 @@
 """Run a grid of model x dataset x seed from recipe files; one JSON per finished run.
 
 Usage:
-    python benchmarks/grid.py benchmarks/grids/fast.toml --out benchmarks/results [--dry-run]
+    python benchmarks/grid.py benchmarks/grids/cpu.toml --out benchmarks/results [--dry-run]
 
 A grid file lists ``[[run]]`` tables (recipe config, optional label and ``--set`` overrides),
 the seeds, optional top-level ``set`` overrides applied to every run before its own (the

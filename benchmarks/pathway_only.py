@@ -7,7 +7,9 @@ Usage:
 A trained RETR run (leave-one-out split) routes every user's training history (the last
 ``max_len`` items before the validation target, deterministic inference route of the last
 layer; with the hierarchical update a token kept there was kept in every layer). Three
-datasets are written, each user's history followed by the same validation and test targets:
+datasets are written, each user's history followed by the same validation and test targets,
+for the users with at least one token on and one off the route (so every variant is evaluated
+on the same users):
 
 - ``all``: the window unchanged (the baseline: same truncation, no k-core, as the others);
 - ``pathway``: only the tokens on the route;
@@ -84,14 +86,19 @@ def main() -> None:
     data_dir = args.out / "runs" / f"pathway-data-{args.run.name}"
     data_dir.mkdir(parents=True, exist_ok=True)
     users, seqs, keep, targets, stats = routes(args.run)
-    (data_dir / "routes.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"[pathway] {args.run}: {stats}", flush=True)
     vocab = json.loads((args.run / "vocab.json").read_text())
     item_names = ["<pad>", *[str(i) for i in vocab["items"]]]
     real = seqs > 0
     variants = {"all": real, "pathway": keep, "off-pathway": real & ~keep}
+    # every variant evaluates the same users: those with a token on and a token off the route
+    both = keep.any(1) & (real & ~keep).any(1)
+    stats["users_evaluated"] = int(both.sum())
+    (data_dir / "routes.json").write_text(json.dumps(stats, indent=2) + "\n")
+    chosen = [u for u, b in zip(users, both, strict=True) if b]
     for name, mask in variants.items():
-        write_variant(data_dir / f"{name}.txt", users, seqs, mask, targets, item_names)
+        write_variant(data_dir / f"{name}.txt", chosen, seqs[both], mask[both], targets[both],
+                      item_names)
     runs = [("sasrec", v) for v in variants] + [("retr", "pathway")]
     for seed in [int(s) for s in args.seeds.split(",")]:
         for model, variant in runs:

@@ -71,6 +71,24 @@ def test_losses_run(loss, tmp_path):
     assert np.isfinite([r["metrics"]["MRR"] for r in res["results"]]).all()
 
 
+def test_bf16_precision_trains_close_to_fp32(tmp_path):
+    """bf16 autocast changes the arithmetic, not the training: same losses to ~1e-2, fp32 weights."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = resolve_config(None, ["model.name='retr'", f"data.source='{DATA}'",
+                                    "train.loss='ce'", "train.epochs=2", "train.progress=false",
+                                    f"train.precision='{precision}'", "eval.negatives=50",
+                                    *SMALL["retr"]])
+        train(cfg, load_dataset(cfg.data), tmp_path / precision, log=lambda m: None)
+        rows = [json.loads(x) for x in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
+        losses[precision] = [r["loss"] for r in rows]
+        weights = load_file(str(tmp_path / precision / "model.safetensors"))
+        assert all(t.dtype == torch.float32 for t in weights.values())
+    assert np.allclose(losses["fp32"], losses["bf16"], rtol=1e-2)
+    with pytest.raises(Exception, match="train.precision"):
+        resolve_config(None, ["train.precision='fp16'"])
+
+
 def test_resume_gives_identical_weights(tmp_path, capsys):
     """An interrupted run resumed from its last epoch ends bit-identical to an uninterrupted one."""
     sets = _sets("retr", 4, ["train.loss='bpr'"])

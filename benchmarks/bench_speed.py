@@ -1,0 +1,204 @@
+"""Training and serving speed side by side: retr's SASRec and RETR vs RecTools' SASRec.
+
+Usage:
+    python benchmarks/bench_speed.py [--minutes 4] [--threads 2] [--peers rectools]
+        [--venv-dir benchmarks/.peers] [--out benchmarks/results/speed.json]
+
+Same data and configuration for every implementation: ml-1m (5-core, leave-one-out; every
+model trains on each user's items but the last two), sequence length 200, hidden 64, 2 layers,
+2 heads, batch 128, Adam 1e-3, dropout 0.2, ID embeddings only. Each implementation runs in a
+fresh process (`speed_worker.py`) of its own interpreter — RecTools 0.19 in a virtualenv this
+script creates (``pip install torch==2.13.0 rectools[torch]==0.19.0``; never a retr
+dependency) — and gets a training budget of ``--minutes``. After every epoch the worker scores
+all items for all 6,040 users and reports validation NDCG@10 against the same 100 uniform
+negatives per user (ties count half); the clock stops during validation. Then it times top-10
+recommendation for every user (history excluded) and 100 single-history requests. Peak RSS is
+the worker process's maximum resident set (``wait4``). The machine's own limit — matmul
+GFLOP/s on ``--threads`` threads — and the model FLOP/s retr reaches while training are
+measured here too. Leave the machine otherwise idle while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from retr.config import DataConfig
+from retr.data.load import load_dataset
+from retr.data.negatives import sample_negatives
+from retr.data.splits import leave_one_out
+from retr.models import build_model
+from retr.training.losses import compute_loss
+
+HERE = Path(__file__).resolve().parent
+PEERS = {"rectools": ["torch==2.13.0", "rectools[torch]==0.19.0"]}
+RUNS = [  # (implementation, model, loss, label)
+    ("retr", "sasrec", "bce", "retr SASRec"),
+    ("retr", "sasrec", "ce", "retr SASRec"),
+    ("retr", "retr", "ce", "retr RETR"),
+    ("retr", "retr", "bce", "retr RETR"),
+    ("rectools", "sasrec", "bce", "RecTools 0.19 SASRec"),
+    ("rectools", "sasrec", "ce", "RecTools 0.19 SASRec"),
+]
+
+
+def prepare(work: Path, max_len: int, seed: int = 0) -> dict[str, int]:
+    """ml-1m's training part as a CSV, the validation targets and their negatives."""
+    dataset = load_dataset(DataConfig(source="ml-1m"))
+    split = leave_one_out(dataset)
+    train = split.examples("valid")  # valid prefix = each user's training items
+    starts = np.repeat(dataset.offsets[train.users], train.lengths)
+    order = np.arange(len(starts)) - np.repeat(np.cumsum(train.lengths) - train.lengths,
+                                               train.lengths)  # position within the user
+    ext_users = np.array(dataset.vocab.users, dtype=np.int64)
+    ext_items = np.array(["0", *dataset.vocab.items]).astype(np.int64)
+    work.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"user_id": np.repeat(ext_users[train.users], train.lengths),
+                  "item_id": ext_items[dataset.items[starts + order]],
+                  "datetime": order}).to_csv(work / "train.csv", index=False)
+    neg = sample_negatives(dataset, train, 100, seed=seed)
+    np.savez(work / "valid.npz", users=ext_users[train.users], targets=ext_items[train.targets],
+             negatives=ext_items[neg])
+    rng = np.random.default_rng(seed)
+    np.save(work / "latency_users.npy", rng.choice(ext_users[train.users], 105, replace=False))
+    tokens = int(np.minimum(train.lengths, max_len).sum())
+    return {"users": int(len(train.users)), "items": dataset.n_items,
+            "training_interactions": int(train.lengths.sum()), "tokens_per_epoch": tokens}
+
+
+def peer_python(name: str, venv_dir: Path) -> Path:
+    """The peer's interpreter, creating its virtualenv on first use."""
+    venv = venv_dir / name
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"[speed] creating {venv} with {' '.join(PEERS[name])}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        for spec in PEERS[name]:  # torch first, so pip keeps the local CPU build
+            subprocess.run([str(python), "-m", "pip", "install", "-q", spec], check=True)
+    return python
+
+
+def run_worker(python: Path, argv: list[str]) -> tuple[dict[str, Any], float]:
+    """Run one worker; its JSON and peak RSS in MB (wait4 of that process alone)."""
+    proc = subprocess.Popen([str(python), str(HERE / "speed_worker.py"), *argv],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(argv)} failed with exit code {proc.returncode}")
+    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1024
+
+
+def matmul_gflops(threads: int, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def train_step_gflop(model_name: str, loss: str, n_items: int, batch: int, max_len: int,
+                     hidden: int, density: float) -> float:
+    """FLOPs of one training step (forward, loss, backward) on a batch of full windows."""
+    cfg: dict[str, Any] = {"hidden_size": hidden, "num_heads": 2, "num_layers": 2,
+                           "max_len": max_len}
+    if model_name == "retr":
+        cfg["ffn_size"] = hidden
+    model = build_model(model_name, n_items, cfg)
+    seqs = torch.randint(1, n_items + 1, (batch, max_len))
+    targets = torch.randint(1, n_items + 1, (batch, max_len))
+    keep = int(batch * max_len * density)  # the real (non-padding) share of target positions
+    gen = torch.Generator().manual_seed(0)
+    with FlopCounterMode(display=False) as counter:
+        hidden_states = model(seqs).hidden.reshape(-1, hidden)[:keep]
+        compute_loss(loss, model, hidden_states, targets.reshape(-1)[:keep], gen, 1).backward()
+    return counter.get_total_flops() / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=4.0, help="training budget per run")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--target", type=float, default=0.55)
+    p.add_argument("--peers", default="rectools", help="comma list, or '' for retr only")
+    p.add_argument("--only", default="", help="comma list of run numbers (1-based) to run")
+    p.add_argument("--venv-dir", type=Path, default=HERE / ".peers")
+    p.add_argument("--work", type=Path, default=HERE / ".peers" / "work")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
+    args = p.parse_args()
+    max_len, hidden, batch = 200, 64, 128
+    stats = prepare(args.work, max_len)
+    print(f"[speed] data: {stats}", flush=True)
+    peers = {name: peer_python(name, args.venv_dir) for name in filter(None, args.peers.split(","))}
+    only = {int(x) for x in args.only.split(",") if x}
+    fp32 = matmul_gflops(args.threads, torch.float32)
+    bf16 = matmul_gflops(args.threads, torch.bfloat16)
+    rows = []
+    for number, (impl, model, loss, label) in enumerate(RUNS, 1):
+        if (only and number not in only) or (impl != "retr" and impl not in peers):
+            continue
+        python = Path(sys.executable) if impl == "retr" else peers[impl]
+        argv = ["--impl", impl, "--model", model, "--loss", loss, "--work", str(args.work),
+                "--minutes", str(args.minutes), "--threads", str(args.threads),
+                "--target", str(args.target), "--max-len", str(max_len),
+                "--hidden", str(hidden), "--batch-size", str(batch)]
+        print(f"[speed] {label} {loss}", flush=True)
+        res, rss = run_worker(python, argv)
+        sec = float(np.median([e["seconds"] for e in res["epochs"]]))
+        row = {"implementation": label, "loss": {"bce": "BCE, 1 negative",
+                                                   "ce": "full softmax CE"}[loss],
+               "seconds_per_epoch": round(sec, 1),
+               "sequences_per_second": round(stats["users"] / sec),
+               "tokens_per_second": round(stats["tokens_per_epoch"] / sec),
+               "epochs_in_budget": len(res["epochs"]),
+               "best_valid_sampled_ndcg10": max(e["valid_sampled_ndcg10"] for e in res["epochs"]),
+               "time_to_target": (f"{res['time_to_target_seconds']} s"
+                                  if res["time_to_target_seconds"] is not None else
+                                  f"not in {res['train_seconds']} s (best "
+                                  f"{max(e['valid_sampled_ndcg10'] for e in res['epochs'])})"),
+               "full_ranking_users_per_second": round(res["users"] / res["full_ranking_seconds"]),
+               "latency_ms": f"{res['latency']['p50_ms']} / {res['latency']['p99_ms']}",
+               "peak_rss_mb": round(rss), "raw": res}
+        if impl == "retr":
+            density = stats["tokens_per_epoch"] / (stats["users"] * max_len)
+            gflop = train_step_gflop(model, loss, stats["items"], batch, max_len, hidden,
+                                     density)
+            achieved = gflop * (stats["users"] / batch) / sec
+            row["model_gflops_per_second"] = round(achieved, 1)
+            row["fp32_matmul_utilisation_percent"] = round(100 * achieved / fp32, 1)
+        rows.append(row)
+        print(f"[speed] {json.dumps({k: v for k, v in row.items() if k != 'raw'})}", flush=True)
+    command = "python benchmarks/bench_speed.py " + " ".join(
+        shlex.quote(a) for a in sys.argv[1:])
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"{args.threads} threads per run; torch {torch.__version__}; matmul 2048² "
+               f"{fp32:.0f} GFLOP/s fp32, {bf16:.0f} GFLOP/s bf16")
+    note = (f"ml-1m, N={max_len}, d={hidden}, 2 layers, 2 heads, batch {batch}, training budget "
+            f"{args.minutes:g} min per run (stopped early once validation sampled NDCG@10 "
+            f"reaches {args.target}); {stats['users']} users, {stats['tokens_per_epoch']:,} "
+            "training tokens per epoch. s/epoch is the median epoch; validation time excluded.")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": command, "machine": machine, "note": note,
+                                    "data": stats, "rows": rows}, indent=2) + "\n")
+    print(f"[speed] wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

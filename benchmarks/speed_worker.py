@@ -1,0 +1,266 @@
+"""One implementation's side of `bench_speed.py`, run in that implementation's own interpreter.
+
+Needs only numpy, pandas and the library under test, so it runs in a peer's virtualenv (where
+retr is not installed). Reads the shared work directory that bench_speed.py prepared:
+
+- ``train.csv``: user_id, item_id, datetime (each user's training items, in order);
+- ``valid.npz``: users [U], targets [U], negatives [U, 100] (external ids);
+- ``latency_users.npy``: users whose training history is the single-request workload.
+
+Prints one JSON object: per-epoch training seconds and validation sampled NDCG@10, top-10
+full-ranking time over every user, and single-history latencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+def sampled_ndcg10(scores: np.ndarray, target_col: np.ndarray, neg_cols: np.ndarray) -> float:
+    """Mean NDCG@10 of the target among its negatives; ties count half (expected rank)."""
+    rows = np.arange(len(scores))[:, None]
+    t = scores[rows[:, 0], target_col][:, None]  # [U, 1]
+    neg = scores[rows, neg_cols]  # [U, 100]
+    rank = (neg > t).sum(1) + 0.5 * (neg == t).sum(1)  # 0-based expected rank
+    gain = np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
+    return float(gain.mean())
+
+
+def columns_of(items: np.ndarray, ext: np.ndarray) -> np.ndarray:
+    """Column of each external id in a score matrix whose columns are ``items``."""
+    names = items.astype(str)
+    order = np.argsort(names)
+    return order[np.searchsorted(names[order], ext.astype(str))]
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ms = np.asarray(values) * 1000.0
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+
+
+class RecToolsSide:
+    """RecTools' SASRecModel driven through its public API (fit_partial, recommend)."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        import torch
+        from rectools import Columns
+        from rectools.dataset import Dataset
+        from rectools.models import SASRecModel
+        from rectools.models.nn.item_net import IdEmbeddingsItemNet
+
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(args.seed)
+        self.columns = Columns
+        df = pd.read_csv(work / "train.csv")
+        df["weight"] = 1.0
+        df["datetime"] = pd.to_datetime(df["datetime"], unit="s")
+        self.dataset = Dataset.construct(df)
+        loss = {"bce": "BCE", "ce": "softmax"}[args.loss]
+        self.model = SASRecModel(
+            n_blocks=args.layers, n_heads=args.heads, n_factors=args.hidden, dropout_rate=0.2,
+            session_max_len=args.max_len, loss=loss, n_negatives=1, lr=1e-3,
+            batch_size=args.batch_size, epochs=1, deterministic=False,
+            item_net_block_types=(IdEmbeddingsItemNet,),  # ID embeddings only, as retr here
+            recommend_n_threads=args.threads)
+        self.items = np.sort(df["item_id"].unique())
+
+    def train_epoch(self) -> None:
+        self.model.fit_partial(self.dataset, min_epochs=1, max_epochs=1)
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        """[U, n_items] scores over ``self.items`` (external ids), in chunks of users."""
+        out = np.full((len(users), len(self.items)), -np.inf, dtype=np.float32)
+        pos = {u: i for i, u in enumerate(users)}
+        for start in range(0, len(users), 500):
+            chunk = users[start:start + 500]
+            reco = self.model.recommend(chunk, self.dataset, k=len(self.items),
+                                        filter_viewed=False)
+            rows = reco[self.columns.User].map(pos).to_numpy()
+            cols = np.searchsorted(self.items, reco[self.columns.Item].to_numpy())
+            out[rows, cols] = reco[self.columns.Score].to_numpy()
+        return out
+
+    def topk_all(self, users: np.ndarray) -> None:
+        self.model.recommend(users, self.dataset, k=10, filter_viewed=True)
+
+    def one(self, user: Any) -> None:
+        self.model.recommend([user], self.dataset, k=10, filter_viewed=True)
+
+
+class RetrSide:
+    """retr's own training loop pieces (the same code `retr train` runs), one epoch at a time."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        import torch
+
+        from retr.config import RunConfig
+        from retr.data.preprocess import NO_PREPROCESSING, build_dataset
+        from retr.serving.recommender import Recommender
+
+        torch.set_num_threads(args.threads)
+        df = pd.read_csv(work / "train.csv").rename(
+            columns={"user_id": "user", "item_id": "item", "datetime": "timestamp"})
+        df["user"], df["item"] = df["user"].astype(str), df["item"].astype(str)
+        self.dataset = build_dataset(df, NO_PREPROCESSING, name="ml-1m-train")
+        model_cfg: dict[str, Any] = {"hidden_size": args.hidden, "num_heads": args.heads,
+                                     "num_layers": args.layers, "max_len": args.max_len}
+        if args.model == "retr":
+            model_cfg["ffn_size"] = args.hidden
+        self.cfg = RunConfig.from_dict({
+            "seed": args.seed, "model": {"name": args.model, **model_cfg},
+            "train": {"loss": args.loss, "batch_size": args.batch_size, "lr": 1e-3,
+                      "negatives": 1, "threads": args.threads, "progress": False,
+                      "precision": args.precision}}, "bench")
+        from retr.models import build_model
+        torch.manual_seed(args.seed)
+        self.model = build_model(args.model, self.dataset.n_items, model_cfg)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.gen = torch.Generator().manual_seed(args.seed)
+        self.epoch = 0
+        self.index = self.dataset.vocab.item_index()
+        self.user_index = {u: i for i, u in enumerate(self.dataset.vocab.users)}
+        self.items = np.array(self.dataset.vocab.items)
+        self.recommender_cls = Recommender
+
+    def train_epoch(self) -> None:
+        import torch
+
+        from retr.training.losses import compute_loss
+        from retr.training.trainer import training_batch
+
+        self.epoch += 1
+        self.model.train()
+        d = self.dataset
+        users = np.random.default_rng([self.cfg.seed, self.epoch]).permutation(d.n_users)
+        lengths = d.lengths
+        tc = self.cfg.train
+        for start in range(0, len(users), tc.batch_size):
+            idx = users[start:start + tc.batch_size]
+            inputs, targets = training_batch(self.model, _Data(d), idx, lengths[idx],
+                                             self.gen, torch.device("cpu"))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+                hidden = self.model(inputs).hidden
+                mask = targets > 0
+                loss = compute_loss(tc.loss, self.model, hidden[mask], targets[mask], self.gen,
+                                    tc.negatives).float()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+
+    def _user_states(self, users: np.ndarray) -> Any:
+        import torch
+
+        ids = np.array([self.user_index[str(u)] for u in users])
+        seqs = self.dataset.padded_prefixes(ids, self.dataset.lengths[ids], self.model.max_len)
+        with torch.no_grad():
+            return self.model.user_representation(torch.from_numpy(seqs)), ids
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        import torch
+
+        self.model.eval()
+        out = []
+        for start in range(0, len(users), 500):
+            h, _ = self._user_states(users[start:start + 500])
+            with torch.no_grad():
+                out.append(self.model.score_items(
+                    h, torch.arange(1, self.dataset.n_items + 1)).numpy())
+        return np.concatenate(out)
+
+    def _recommender(self) -> Any:
+        return self.recommender_cls(self.model.eval(), self.dataset.vocab, self.cfg.model_name)
+
+    def topk_all(self, users: np.ndarray) -> None:
+        """Top-10 for every user, history excluded: the evaluation path (user batches x item
+        chunks), the same work as RecTools' ``recommend(filter_viewed=True)``."""
+        from retr.evaluation.ranking import history_pairs, topk_items, user_states
+
+        self.model.eval()
+        ids = np.array([self.user_index[str(u)] for u in users])
+        for start in range(0, len(ids), 256):
+            u = ids[start:start + 256]
+            lengths = self.dataset.lengths[u]
+            h = user_states(self.model, self.dataset, u, lengths)
+            rows, items = history_pairs(self.dataset, u, lengths)
+            topk_items(self.model, h, 10, self.dataset.n_items, rows, items)
+
+    def one(self, user: Any) -> None:
+        if not hasattr(self, "_rec"):
+            self._rec = self._recommender()
+        seq = self.dataset.sequence(self.user_index[str(user)])
+        self._rec.recommend(self.items[seq - 1].tolist(), k=10)
+
+
+class _Data:
+    """The slice of RunData that ``training_batch`` reads."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--impl", choices=["retr", "rectools"], required=True)
+    p.add_argument("--model", default="sasrec")
+    p.add_argument("--loss", choices=["bce", "ce"], default="bce")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--minutes", type=float, default=4.0, help="training budget")
+    p.add_argument("--max-epochs", type=int, default=200)
+    p.add_argument("--target", type=float, default=0.55, help="valid sampled NDCG@10 to reach")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--max-len", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=128)
+    args = p.parse_args()
+    work = args.work
+    t0 = time.perf_counter()
+    side: RecToolsSide | RetrSide = (RecToolsSide if args.impl == "rectools" else RetrSide)(args, work)
+    setup_s = time.perf_counter() - t0
+    valid = np.load(work / "valid.npz", allow_pickle=False)
+    users = valid["users"]
+    target_cols = columns_of(side.items, valid["targets"])
+    negative_cols = columns_of(side.items, valid["negatives"])
+    epochs: list[dict[str, float]] = []
+    trained = 0.0
+    reached = None
+    while trained < args.minutes * 60 and len(epochs) < args.max_epochs:
+        t = time.perf_counter()
+        side.train_epoch()
+        sec = time.perf_counter() - t
+        trained += sec
+        ndcg = sampled_ndcg10(side.scores(users), target_cols, negative_cols)
+        epochs.append({"epoch": len(epochs) + 1, "seconds": round(sec, 2),
+                       "valid_sampled_ndcg10": round(ndcg, 4)})
+        print(json.dumps(epochs[-1]), file=sys.stderr, flush=True)
+        if reached is None and ndcg >= args.target:
+            reached = round(trained, 1)
+            break
+    t = time.perf_counter()
+    side.topk_all(users)
+    full_s = time.perf_counter() - t
+    lat = []
+    for u in np.load(work / "latency_users.npy", allow_pickle=False):
+        t = time.perf_counter()
+        side.one(u)
+        lat.append(time.perf_counter() - t)
+    print(json.dumps({"setup_seconds": round(setup_s, 1), "epochs": epochs,
+                      "train_seconds": round(trained, 1), "time_to_target_seconds": reached,
+                      "full_ranking_seconds": round(full_s, 2), "users": int(len(users)),
+                      "latency": _percentiles(lat[5:])}))
+
+
+if __name__ == "__main__":
+    main()
