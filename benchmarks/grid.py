@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +47,11 @@ def command(run: dict[str, Any], seed: int, run_dir: Path) -> list[str]:
     return argv
 
 
+def median_epoch_seconds(epochs: list[dict[str, Any]]) -> float | None:
+    """The typical epoch: robust to one epoch slowed by a paused or busy machine."""
+    return round(statistics.median(e["train_seconds"] for e in epochs), 2) if epochs else None
+
+
 def run_and_record(out: Path, name: str, argv: list[str], run_dir: Path,
                    extra: dict[str, Any]) -> bool:
     """Run one ``retr`` command (``argv`` after ``retr``) unless its record exists.
@@ -74,7 +80,7 @@ def run_and_record(out: Path, name: str, argv: list[str], run_dir: Path,
         if metrics.exists() else []
     record = {**extra, "command": shown, "wall_seconds": round(wall, 1), "epochs": len(epochs),
               "train_seconds": round(sum(e["train_seconds"] for e in epochs), 1),
-              "results": results}
+              "median_epoch_seconds": median_epoch_seconds(epochs), "results": results}
     record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"[grid] {name} done in {wall:.0f}s", flush=True)
     return True
@@ -85,8 +91,11 @@ def main() -> None:
     p.add_argument("grid", type=Path)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--seeds", help="comma list overriding the grid's seeds (e.g. 0 first)")
     args = p.parse_args()
     runs, seeds, table = load_grid(args.grid)
+    if args.seeds:
+        seeds = [int(x) for x in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     for run in runs:
         for seed in seeds:

@@ -95,7 +95,7 @@ def metric_values(rs: list[dict[str, Any]], protocol: str, metric: str) -> list[
 
 def table(groups: dict[str, list[dict[str, Any]]], protocol: str) -> list[str]:
     lines = ["| run | dataset | seeds | candidates | " + " | ".join(METRICS)
-             + " | budget (epochs) | train s/epoch | command (first seed) |",
+             + " | budget (epochs) | train s/epoch (median) | command (first seed) |",
              "|---|---|---|---|" + "---|" * len(METRICS) + "---|---|---|"]
     for label, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["seed"])
@@ -106,8 +106,9 @@ def table(groups: dict[str, list[dict[str, Any]]], protocol: str) -> list[str]:
                 continue
             candidates = f"1 + {res['negatives']} {res['negative_sampling']}"
         epochs = statistics.fmean(r["epochs"] for r in rs)
-        trained = [r["train_seconds"] / r["epochs"] for r in rs if r["epochs"]]
-        per_epoch = f"{statistics.fmean(trained):.1f}" if trained else "-"
+        trained = [r.get("median_epoch_seconds") or r["train_seconds"] / r["epochs"]
+                   for r in rs if r["epochs"]]
+        per_epoch = f"{statistics.median(trained):.1f}" if trained else "-"
         seeds = ",".join(str(r["seed"]) for r in rs)
         budget = f"{epochs:.0f} / {_cap(rs[0]['command'])}" if epochs else "no training"
         lines.append(f"| {label} | {rs[0]['results']['dataset']} | {seeds} | {candidates} | "
