@@ -92,8 +92,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--seeds", help="comma list overriding the grid's seeds (e.g. 0 first)")
+    p.add_argument("--only", help="comma list of run labels to run (in the grid's order)")
     args = p.parse_args()
     runs, seeds, table = load_grid(args.grid)
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {r["label"] for r in runs}
+        if unknown:
+            raise SystemExit(f"{args.grid}: no run labelled {', '.join(sorted(unknown))}")
+        runs = [r for r in runs if r["label"] in wanted]
     if args.seeds:
         seeds = [int(x) for x in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -135,3 +135,17 @@ def test_pathway_only_variants_partition_the_window(tmp_path: Path,
         assert a[-2:] == p[-2:] == o[-2:] == [names[t] for t in tg]  # same held-out targets
         assert len(a) - 3 == (len(p) - 3) + (len(o) - 3)  # kept + dropped = window
     assert np.array_equal(np.array([len(r) - 3 for r in rows["all"]]), real.sum(1))
+
+
+def test_grid_only_and_seeds_select_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('seeds = [0, 1, 2]\n[[run]]\nconfig = "a.toml"\n[[run]]\nconfig = "b.toml"\n')
+    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--out", str(tmp_path), "--dry-run",
+                                      "--only", "b", "--seeds", "2"])
+    grid.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and "--config b.toml" in lines[0] and "--seed 2" in lines[0]
+    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--dry-run", "--only", "c"])
+    with pytest.raises(SystemExit, match="no run labelled c"):
+        grid.main()
