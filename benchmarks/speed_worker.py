@@ -134,24 +134,18 @@ class RetrSide:
     def train_epoch(self) -> None:
         import torch
 
-        from retr.training.losses import compute_loss
-        from retr.training.trainer import training_batch
+        from retr.training.trainer import batch_loss, training_batch
 
         self.epoch += 1
         self.model.train()
         d = self.dataset
         users = np.random.default_rng([self.cfg.seed, self.epoch]).permutation(d.n_users)
-        lengths = d.lengths
         tc = self.cfg.train
         for start in range(0, len(users), tc.batch_size):
             idx = users[start:start + tc.batch_size]
-            inputs, targets = training_batch(self.model, _Data(d), idx, lengths[idx],
+            inputs, targets = training_batch(self.model, _Data(d), idx, d.lengths[idx],
                                              self.gen, torch.device("cpu"))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
-                hidden = self.model(inputs).hidden
-                mask = targets > 0
-                loss = compute_loss(tc.loss, self.model, hidden[mask], targets[mask], self.gen,
-                                    tc.negatives).float()
+            loss, _ = batch_loss(tc, self.model, self.model, inputs, targets, self.gen)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from retr.config import RunConfig
+from retr.config import RunConfig, TrainConfig
 from retr.data.dataset import SequenceDataset
 from retr.data.negatives import sample_negatives
 from retr.data.splits import Split, make_split
@@ -140,6 +140,22 @@ def training_batch(model: SequentialRecommender, data: RunData, users: np.ndarra
     inputs, targets = window[:, :-1], window[:, 1:]
     targets = torch.where(inputs > 0, targets, torch.zeros_like(targets))
     return inputs.to(device), targets.to(device)
+
+
+def batch_loss(tc: TrainConfig, model: SequentialRecommender, forward: Any, inputs: torch.Tensor,
+               targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, target mask) of one batch; ``forward`` is the model or its DDP wrapper.
+
+    The forward pass and loss run under bf16 autocast when ``train.precision`` asks for it;
+    the loss comes back in fp32 either way.
+    """
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16,
+                        enabled=tc.precision == "bf16"):
+        hidden = forward(inputs).hidden  # [B, N, d]
+        mask = targets > 0
+        loss = compute_loss(tc.loss, model, hidden[mask], targets[mask], gen, tc.negatives,
+                            tc.gbce_t).float()
+    return loss, mask
 
 
 def _env(dataset: SequenceDataset) -> dict[str, Any]:
@@ -307,11 +323,7 @@ def _fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: P
             idx, counted = ctx.shard(perm[start:start + tc.batch_size])
             inputs, targets = training_batch(model, data, split.train_users[idx],
                                              split.train_lengths[idx], gen, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
-                hidden = ddp(inputs).hidden  # [B, N, d]
-                mask = targets > 0
-                loss = compute_loss(tc.loss, model, hidden[mask], targets[mask], gen,
-                                    tc.negatives, tc.gbce_t).float()
+            loss, mask = batch_loss(tc, model, ddp, inputs, targets, gen)
             step_loss = loss  # the step's mean loss over every rank's target positions
             if ctx.enabled:
                 loss, step_loss = distributed.global_mean(
