@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,7 +58,8 @@ def run_and_record(out: Path, name: str, argv: list[str], run_dir: Path,
     """Run one ``retr`` command (``argv`` after ``retr``) unless its record exists.
 
     Writes ``<out>/<name>.json``: ``extra`` plus the exact command, wall time, epochs, training
-    seconds and the command's JSON results. A run directory left by a killed run resumes.
+    seconds and the command's JSON results. A run directory left by a killed run resumes
+    from its last epoch; one killed before any epoch ended (no trainer state) starts over.
     Returns whether the record exists afterwards.
     """
     record_path = out / f"{name}.json"
@@ -67,6 +69,8 @@ def run_and_record(out: Path, name: str, argv: list[str], run_dir: Path,
     full = [sys.executable, "-m", "retr", *argv]
     if (run_dir / "trainer_state.pt").exists():
         full = [sys.executable, "-m", "retr", "train", "--resume", str(run_dir), "--json"]
+    elif run_dir.exists():  # killed before its first epoch ended: nothing to resume
+        shutil.rmtree(run_dir)
     print(f"[grid] {name}: {shown}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(full, capture_output=True, text=True)

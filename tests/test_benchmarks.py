@@ -85,6 +85,12 @@ def test_run_and_record_writes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     (tmp_path / "pop.json").write_text(json.dumps({**record, "marker": 1}))
     assert grid.run_and_record(tmp_path, "pop", argv, run_dir, {})  # exists: not rerun
     assert json.loads((tmp_path / "pop.json").read_text())["marker"] == 1
+    stale = tmp_path / "runs" / "stale"  # killed before its first epoch: no trainer state
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    argv = ["train", "--data", TINY, "--model", "pop", "--out", str(stale), "--json"]
+    assert grid.run_and_record(tmp_path, "stale", argv, stale, {"label": "stale", "seed": 0})
+    assert json.loads((stale / "config.json").read_text())["model"]["name"] == "pop"
     bad = ["train", "--data", TINY, "--model", "nope", "--out", str(tmp_path / "x"), "--json"]
     assert not grid.run_and_record(tmp_path, "bad", bad, tmp_path / "x", {})
     assert not (tmp_path / "bad.json").exists()
