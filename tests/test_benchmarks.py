@@ -38,6 +38,7 @@ def _record(label: str, seed: int, full: float, sampled: float, table: str = "in
 def test_results_mean_std_and_head_to_head(tmp_path: Path) -> None:
     records = [_record("sasrec-ce-toy", 0, 0.10, 0.5), _record("sasrec-ce-toy", 1, 0.20, 0.5),
                _record("retr-ce-toy", 0, 0.12, 0.6), _record("retr-ce-toy", 1, 0.18, 0.6),
+               _record("sasrec-ce-other", 0, 0.1, 0.5), _record("retr-ce-other", 1, 0.2, 0.6),
                _record("retr-ce-toy-no-router", 0, 0.05, 0.4, table="ablation")]
     text = make_results.build(records, tmp_path)
     # mean ± sample std of 0.10 and 0.20
@@ -45,8 +46,9 @@ def test_results_mean_std_and_head_to_head(tmp_path: Path) -> None:
     assert "1 + 100 uniform" in text
     assert "4 / 5" in text and "10.0" in text  # budget: epochs run / cap, s per epoch
     # RETR vs SASRec: 0.15 vs 0.15 full (+0.0 %), 0.6 vs 0.5 sampled (+20.0 %)
-    assert "| retr-ce-toy | sasrec-ce-toy | 0.1500 | 0.1500 | +0.0 % | 0.6000 | 0.5000 | +20.0 % |" \
-        in text
+    assert "| retr-ce-toy | sasrec-ce-toy | 0,1 | 0.1500 | 0.1500 | +0.0 % | 0.6000 | 0.5000 | " \
+        "+20.0 % |" in text
+    assert "| retr-ce-other | sasrec-ce-other |" not in text  # no seed in common
     assert "## Ablations" in text and "retr-ce-toy-no-router" in text
     assert text.index("## Intra-domain") < text.index("## Ablations")
     assert "## Cross-domain" not in text  # no records, no section
