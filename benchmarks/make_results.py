@@ -228,7 +228,35 @@ def params_section(path: Path) -> list[str]:
     return lines + [""]
 
 
-def build(records: list[dict[str, Any]], results_dir: Path) -> str:
+def coverage(records: list[dict[str, Any]], grids: list[Path]) -> list[str]:
+    """The grid runs with no record yet: what RESULTS.md does not cover."""
+    import tomllib
+
+    have = {(r["label"], r["seed"]) for r in records}
+    lines = []
+    for path in grids:
+        if not path.exists():
+            continue
+        grid = tomllib.loads(path.read_text(encoding="utf-8"))
+        seeds = [int(x) for x in grid.get("seeds", [0, 1, 2])]
+        missing = []
+        for run in grid.get("run", []):
+            label = run.get("label", Path(run["config"]).stem)
+            absent = [x for x in seeds if (label, x) not in have]
+            if absent:
+                missing.append(label if len(absent) == len(seeds)
+                               else f"{label} (seed {','.join(map(str, absent))})")
+        if missing:
+            lines.append(f"- `{path.as_posix()}`: {len(missing)} of {len(grid.get('run', []))} "
+                         f"rows incomplete: {', '.join(missing)}.")
+    if not lines:
+        return []
+    return ["## Not yet measured", "", "Grid rows without all their seeds (rerun the grid "
+            "command: finished runs are skipped):", "", *lines, ""]
+
+
+def build(records: list[dict[str, Any]], results_dir: Path,
+          grids: list[Path] | None = None) -> str:
     tables: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         tables[r.get("table", "intra-domain")][r["label"]].append(r)
@@ -262,6 +290,7 @@ def build(records: list[dict[str, Any]], results_dir: Path) -> str:
                   + "; ".join(f"{label}: {statistics.fmean(r['epochs'] for r in rs):.0f} epochs, "
                               f"{statistics.fmean(r['train_seconds'] for r in rs) / 60:.1f} min"
                               for label, rs in sorted(tables["pretrain"].items())), ""]
+    lines += coverage(records, grids or [])
     if (results_dir / "params_flops.json").exists():
         lines += params_section(results_dir / "params_flops.json")
     if (results_dir / "speed.json").exists():
@@ -273,7 +302,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", type=Path)
     p.add_argument("--out", type=Path, default=Path("RESULTS.md"))
+    p.add_argument("--grid", type=Path, action="append",
+                   help="grid files whose missing runs are listed (default: cpu and ablations)")
     args = p.parse_args()
+    grids = args.grid or [Path("benchmarks/grids/cpu.toml"), Path("benchmarks/grids/ablations.toml")]
     records = []
     for f in sorted(args.results.glob("*.json")):
         obj = json.loads(f.read_text())
@@ -281,7 +313,7 @@ def main() -> None:
             records.append(obj)
     if not records:
         raise SystemExit(f"{args.results}: no result records")
-    args.out.write_text(build(records, args.results), encoding="utf-8")
+    args.out.write_text(build(records, args.results, grids), encoding="utf-8")
     print(f"wrote {args.out} from {len(records)} runs")
 
 

@@ -51,6 +51,12 @@ def test_results_mean_std_and_head_to_head(tmp_path: Path) -> None:
     assert "| retr-ce-other | sasrec-ce-other |" not in text  # no seed in common
     assert "## Ablations" in text and "retr-ce-toy-no-router" in text
     assert text.index("## Intra-domain") < text.index("## Ablations")
+    grid_file = tmp_path / "g.toml"
+    grid_file.write_text('seeds = [0, 1]\n[[run]]\nconfig = "c.toml"\nlabel = "sasrec-ce-toy"\n'
+                         '[[run]]\nconfig = "c.toml"\nlabel = "gru4rec-toy"\n'
+                         '[[run]]\nconfig = "c.toml"\nlabel = "retr-ce-toy-no-router"\n')
+    covered = make_results.build(records, tmp_path, [grid_file])
+    assert "2 of 3 rows incomplete: gru4rec-toy, retr-ce-toy-no-router (seed 1)." in covered
     assert "## Cross-domain" not in text  # no records, no section
 
 
