@@ -46,8 +46,8 @@ INTROS = {
                     "`benchmarks/grids/cpu.toml`. Budget = epochs run / epoch cap (early "
                     "stopping on validation full NDCG@10, patience 5). Yelp keeps repeat "
                     "visits as candidates and samples 99 negatives (its published protocol).",
-    "ablation": "RETR with CE, one switch per row (`benchmarks/grids/ablations.toml`); the "
-                "unablated rows are `retr-ce-<dataset>` in the intra-domain table (same recipe, "
+    "ablation": "RETR with CE, one switch per row (`benchmarks/grids/ablations.toml`), beside "
+                "the unablated `retr-ce-<dataset>` row of the intra-domain grid (same recipe, "
                 "budget and seeds).",
     "pathway-only": "`benchmarks/pathway_only.py`: a trained RETR routes each user's history "
                     "(deterministic route of the last layer); models are retrained on the kept "
@@ -277,6 +277,10 @@ def build(records: list[dict[str, Any]], results_dir: Path,
             lines += ["### Pathway attention vs its base model (mean test NDCG@10, same recipe, "
                       "budget and seeds)", "",
                       *head_to_head(groups), ""]
+        if key == "ablation":  # the unablated rows beside their ablations
+            intra = tables.get("intra-domain", {})
+            groups = {**{label: rs for label, rs in intra.items()
+                         if any(a.startswith(label + "-") for a in groups)}, **groups}
         if key == "pathway-only":
             stats = next(iter(groups.values()))[0].get("routes", {})
             lines += [f"Route statistics: `{json.dumps(stats)}`", ""]
