@@ -126,7 +126,6 @@ class RetrSide:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.gen = torch.Generator().manual_seed(args.seed)
         self.epoch = 0
-        self.index = self.dataset.vocab.item_index()
         self.user_index = {u: i for i, u in enumerate(self.dataset.vocab.users)}
         self.items = np.array(self.dataset.vocab.items)
         self.recommender_cls = Recommender
@@ -150,21 +149,19 @@ class RetrSide:
             loss.backward()
             self.opt.step()
 
-    def _user_states(self, users: np.ndarray) -> Any:
-        import torch
-
-        ids = np.array([self.user_index[str(u)] for u in users])
-        seqs = self.dataset.padded_prefixes(ids, self.dataset.lengths[ids], self.model.max_len)
-        with torch.no_grad():
-            return self.model.user_representation(torch.from_numpy(seqs)), ids
+    def _ids(self, users: np.ndarray) -> np.ndarray:
+        return np.array([self.user_index[str(u)] for u in users])
 
     def scores(self, users: np.ndarray) -> np.ndarray:
         import torch
 
+        from retr.evaluation.ranking import user_states
+
         self.model.eval()
-        out = []
-        for start in range(0, len(users), 500):
-            h, _ = self._user_states(users[start:start + 500])
+        ids, out = self._ids(users), []
+        for start in range(0, len(ids), 500):
+            u = ids[start:start + 500]
+            h = user_states(self.model, self.dataset, u, self.dataset.lengths[u])
             with torch.no_grad():
                 out.append(self.model.score_items(
                     h, torch.arange(1, self.dataset.n_items + 1)).numpy())
@@ -179,7 +176,7 @@ class RetrSide:
         from retr.evaluation.ranking import history_pairs, topk_items, user_states
 
         self.model.eval()
-        ids = np.array([self.user_index[str(u)] for u in users])
+        ids = self._ids(users)
         for start in range(0, len(ids), 256):
             u = ids[start:start + 256]
             lengths = self.dataset.lengths[u]
