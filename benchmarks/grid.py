@@ -2,19 +2,24 @@
 
 Usage:
     python benchmarks/grid.py benchmarks/grids/cpu.toml --out benchmarks/results [--dry-run]
+    python benchmarks/grid.py benchmarks/grids/paper.toml --jobs 8 --set train.max_minutes=20
 
 A grid file lists ``[[run]]`` tables (recipe config, optional label and ``--set`` overrides),
 the seeds, optional top-level ``set`` overrides applied to every run before its own (the
 budget, for example) and the ``table`` of RESULTS.md its rows belong to. Each run trains into ``<out>/runs/<label>-seed<k>`` and writes
 ``<out>/<label>-seed<k>.json`` holding the run's results.json, its per-epoch budget and the
-exact command that made it. Finished runs are skipped, so a killed grid resumes where it
-stopped. `benchmarks/make_results.py` turns the JSON files into RESULTS.md.
+exact command that made it, and the hardware it ran on. Finished runs are skipped, so a
+killed grid resumes where it stopped. ``--jobs`` runs several at once (one GPU shared by
+several small runs, or a many-core machine); ``--stop-after-minutes`` starts no new run after
+that time, for a machine that is only lent for a while. `benchmarks/make_results.py` turns the JSON files into RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shlex
 import shutil
 import statistics
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,21 @@ def command(run: dict[str, Any], seed: int, run_dir: Path) -> list[str]:
     for s in run["set"]:
         argv += ["--set", s]
     return argv
+
+
+def hardware(argv: list[str]) -> str:
+    """Where a run ran, for its record: the GPU's name for a CUDA run, else the CPU count."""
+    text = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    devices = [a.split("=", 1)[1] for a in argv if a.startswith("train.device=")]
+    if devices and devices[-1].startswith("cuda"):  # the last override is the one in force
+        try:
+            proc = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                  capture_output=True, text=True)
+            names = proc.stdout.strip().splitlines() if proc.returncode == 0 else []
+        except OSError:
+            names = []
+        text += f", {names[0].strip() if names else 'CUDA device'}"
+    return text
 
 
 def median_epoch_seconds(epochs: list[dict[str, Any]]) -> float | None:
@@ -82,7 +103,7 @@ def run_and_record(out: Path, name: str, argv: list[str], run_dir: Path,
     metrics = run_dir / "metrics.jsonl"
     epochs = [json.loads(line) for line in metrics.read_text().splitlines()] \
         if metrics.exists() else []
-    record = {**extra, "command": shown, "wall_seconds": round(wall, 1), "epochs": len(epochs),
+    record = {**extra, "command": shown, "hardware": hardware(argv), "wall_seconds": round(wall, 1), "epochs": len(epochs),
               "train_seconds": round(sum(e["train_seconds"] for e in epochs), 1),
               "median_epoch_seconds": median_epoch_seconds(epochs), "results": results}
     record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -97,7 +118,14 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--seeds", help="comma list overriding the grid's seeds (e.g. 0 first)")
     p.add_argument("--only", help="comma list of run labels to run (in the grid's order)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every run, after the grid's own (repeatable)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    p.add_argument("--stop-after-minutes", type=float, default=0.0,
+                   help="start no run after this many minutes (runs in flight finish)")
     args = p.parse_args()
+    if args.jobs < 1:
+        raise SystemExit("--jobs must be at least 1")
     runs, seeds, table = load_grid(args.grid)
     if args.only:
         wanted = set(args.only.split(","))
@@ -107,7 +135,10 @@ def main() -> None:
         runs = [r for r in runs if r["label"] in wanted]
     if args.seeds:
         seeds = [int(x) for x in args.seeds.split(",")]
+    for r in runs:
+        r["set"] = r["set"] + args.set
     args.out.mkdir(parents=True, exist_ok=True)
+    todo = []
     for run in runs:
         for seed in seeds:
             name = f"{run['label']}-seed{seed}"
@@ -117,9 +148,18 @@ def main() -> None:
                 if not (args.out / f"{name}.json").exists():
                     print(" ".join(shlex.quote(a) for a in ["retr", *argv]))
                 continue
-            run_and_record(args.out, name, argv, run_dir,
-                           {"table": table, "label": run["label"],
-                            "config": run["config"], "seed": seed})
+            todo.append((name, argv, run_dir, {"table": table, "label": run["label"],
+                                               "config": run["config"], "seed": seed}))
+    t0 = time.monotonic()
+
+    def one(job: tuple[str, list[str], Path, dict[str, Any]]) -> bool:
+        if args.stop_after_minutes and time.monotonic() - t0 > args.stop_after_minutes * 60:
+            print(f"[grid] {job[0]}: not started (--stop-after-minutes)", flush=True)
+            return False
+        return run_and_record(args.out, *job)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one, todo))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Usage:
     python benchmarks/make_results.py benchmarks/results --out RESULTS.md
 
 Reads the run records written by `grid.py`, `cross_domain.py` and `pathway_only.py`
-(``*.json`` with a ``results`` field), plus, when present, ``speed.json`` (`bench_speed.py`)
-and ``params_flops.json`` (`params_flops.py --json-out`).
+(``*.json`` with a ``results`` field), plus, when present, ``speed.json`` (`bench_speed.py`),
+``params_flops.json`` (`params_flops.py --json-out`) and ``notes-<table>.md`` (observations
+placed under that table's heading, such as a seed that stopped early).
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ INTROS = {
                     "`benchmarks/grids/cpu.toml`. Budget = epochs run / epoch cap (early "
                     "stopping on validation full NDCG@10, patience 5). Yelp keeps repeat "
                     "visits as candidates and samples 99 negatives (its published protocol).",
+    "paper-recipe": "The paper's recipes (`configs/<model>-<dataset>.toml`: d=256, h=4, L=2, "
+                    "N=200 on ml-1m and 100 elsewhere, batch 512, Adam 1e-3, up to 300 epochs, "
+                    "early stopping on validation full NDCG@10 with patience 10) on a GPU, "
+                    "`benchmarks/grids/paper.toml`, several runs sharing the GPU at once. A "
+                    "`train.max_minutes` in a row's command is the wall-clock cap of a lent "
+                    "machine: such a row stopped there, not at convergence.",
     "ablation": "RETR with CE, one switch per row (`benchmarks/grids/ablations.toml`), beside "
                 "the unablated `retr-ce-<dataset>` row of the intra-domain grid (same recipe, "
                 "budget and seeds).",
@@ -79,9 +86,27 @@ def _test(record: dict[str, Any], protocol: str) -> dict[str, Any] | None:
     return None
 
 
-def _cap(command: str) -> str:
+def _cap(record: dict[str, Any]) -> str:
+    """The epoch cap in force (the command's last override, else the recipe's), and the
+    wall-clock cap when the command sets one."""
+    command = record["command"]
     found = re.findall(r"train\.epochs=(\d+)", command)
-    return found[-1] if found else "-"
+    cap = found[-1] if found else _recipe_epochs(record.get("config"))
+    minutes = re.findall(r"train\.max_minutes=([\d.]+)", command)
+    if minutes and float(minutes[-1]) > 0:
+        cap += f", ≤ {float(minutes[-1]):g} min"
+    return cap
+
+
+def _recipe_epochs(config: str | None) -> str:
+    import tomllib
+
+    try:
+        recipe = tomllib.loads(Path(config).read_text(encoding="utf-8")) if config else {}
+    except (OSError, tomllib.TOMLDecodeError):
+        return "-"
+    epochs = recipe.get("train", {}).get("epochs")
+    return str(epochs) if isinstance(epochs, int) else "-"
 
 
 def metric_values(rs: list[dict[str, Any]], protocol: str, metric: str) -> list[float]:
@@ -110,7 +135,7 @@ def table(groups: dict[str, list[dict[str, Any]]], protocol: str) -> list[str]:
                    for r in rs if r["epochs"]]
         per_epoch = f"{statistics.median(trained):.1f}" if trained else "-"
         seeds = ",".join(str(r["seed"]) for r in rs)
-        budget = f"{epochs:.0f} / {_cap(rs[0]['command'])}" if epochs else "no training"
+        budget = f"{epochs:.0f} / {_cap(rs[0])}" if epochs else "no training"
         lines.append(f"| {label} | {rs[0]['results']['dataset']} | {seeds} | {candidates} | "
                      + " | ".join(_fmt(metric_values(rs, protocol, m)) for m in METRICS)
                      + f" | {budget} | {per_epoch} | "
@@ -265,15 +290,23 @@ def build(records: list[dict[str, Any]], results_dir: Path,
              "records the benchmark scripts write (`benchmarks/results/*.json`, one per run and",
              "seed). Test split, model selected on validation; mean ± std over the seeds listed;",
              "every row gives the exact command of its first seed (the others differ only in",
-             "`--seed`). Data are read from `$RETR_DATA_DIR`. All runs on a 2-core CPU machine.", ""]
-    titles = {"intra-domain": "Intra-domain", "ablation": "Ablations",
+             "`--seed`). Data are read from `$RETR_DATA_DIR`. Runs on a 2-core CPU machine unless",
+             "a section names other hardware.", ""]
+    titles = {"intra-domain": "Intra-domain", "paper-recipe": "Intra-domain, the paper's recipe",
+              "ablation": "Ablations",
               "pathway-only": "Pathway-only retraining", "cross-domain": "Cross-domain (X-RETR)"}
     for key, title in titles.items():
         groups = tables.get(key)
         if not groups:
             continue
         lines += [f"## {title}", "", INTROS[key], ""]
-        if key == "intra-domain":
+        notes = results_dir / f"notes-{key}.md"  # what the numbers alone do not say
+        if notes.exists():
+            lines += [notes.read_text(encoding="utf-8").strip(), ""]
+        machines = sorted({r["hardware"] for rs in groups.values() for r in rs if "hardware" in r})
+        if key == "paper-recipe" and machines:
+            lines += [f"Hardware: {'; '.join(machines)}.", ""]
+        if key in ("intra-domain", "paper-recipe"):
             lines += ["### Pathway attention vs its base model (mean test NDCG@10, same recipe, "
                       "budget and seeds)", "",
                       *head_to_head(groups), ""]
