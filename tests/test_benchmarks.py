@@ -163,3 +163,57 @@ def test_grid_only_and_seeds_select_runs(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--dry-run", "--only", "c"])
     with pytest.raises(SystemExit, match="no run labelled c"):
         grid.main()
+
+
+def test_grid_jobs_set_and_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """--set reaches every command last, --jobs runs the grid's runs, and
+    --stop-after-minutes starts none once the time has passed."""
+    path = tmp_path / "g.toml"
+    path.write_text('seeds = [0, 1]\nset = ["train.threads=1"]\n[[run]]\nconfig = "a.toml"\n')
+    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--out", str(tmp_path), "--dry-run",
+                                      "--set", "train.max_minutes=3"])
+    grid.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(ln.endswith("--set train.max_minutes=3") for ln in lines)
+
+    started: list[str] = []
+
+    def fake_run(out: Path, name: str, argv: list[str], run_dir: Path, extra: dict) -> bool:
+        started.append(name)
+        return True
+
+    monkeypatch.setattr(grid, "run_and_record", fake_run)
+    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--out", str(tmp_path), "--jobs", "2"])
+    grid.main()
+    assert sorted(started) == ["a-seed0", "a-seed1"]
+    started.clear()
+    clock = iter([0.0, 100.0, 100.0])  # the grid's start, then each run's check
+    monkeypatch.setattr(grid.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--out", str(tmp_path),
+                                      "--stop-after-minutes", "1"])
+    grid.main()
+    assert started == [] and "not started (--stop-after-minutes)" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--jobs", "0"])
+    with pytest.raises(SystemExit, match="--jobs must be at least 1"):
+        grid.main()
+
+
+def test_grid_hardware_follows_the_last_device_override() -> None:
+    cpu = grid.hardware(["--set", "train.device=cuda", "--set", "train.device=cpu"])
+    assert "CPUs" in cpu and "CUDA" not in cpu and "NVIDIA" not in cpu
+    assert grid.hardware(["--set", "train.threads=1"]) == cpu
+
+
+def test_results_budget_reads_the_recipe_and_notes(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[train]\nepochs = 300\n")
+    rec = _record("sasrec-ce-toy", 0, 0.1, 0.5, table="paper-recipe", epochs=40)
+    rec["command"] = "retr train --config r.toml --set train.max_minutes=8"
+    rec["config"] = str(recipe)
+    rec["hardware"] = "x86_64, 16 CPUs, NVIDIA H200"
+    (tmp_path / "notes-paper-recipe.md").write_text("Seed 0 stopped early.\n")
+    text = make_results.build([rec], tmp_path)
+    assert "## Intra-domain, the paper's recipe" in text
+    assert "| 40 / 300, ≤ 8 min |" in text  # cap from the recipe, wall-clock cap from --set
+    assert "Seed 0 stopped early." in text and "Hardware: x86_64, 16 CPUs, NVIDIA H200." in text
