@@ -1,21 +1,27 @@
-"""Training and serving speed side by side: retr's SASRec and RETR vs RecTools' SASRec.
+"""Training and serving speed side by side: retr's SASRec and RETR vs RecTools' and RecBole's.
 
 Usage:
-    python benchmarks/bench_speed.py [--minutes 4] [--threads 2] [--peers rectools]
-        [--venv-dir benchmarks/.peers] [--out benchmarks/results/speed.json]
+    python benchmarks/bench_speed.py [--minutes 4] [--threads 2] [--peers rectools,recbole]
+        [--only 1,2] [--max-len 200] [--venv-dir benchmarks/.peers]
+        [--out benchmarks/results/speed.json]
 
 Same data and configuration for every implementation: ml-1m (5-core, leave-one-out; every
 model trains on each user's items but the last two), sequence length 200, hidden 64, 2 layers,
 2 heads, batch 128, Adam 1e-3, dropout 0.2, ID embeddings only. Each implementation runs in a
-fresh process (`speed_worker.py`) of its own interpreter — RecTools 0.19 in a virtualenv this
-script creates (``pip install torch==2.13.0 rectools[torch]==0.19.0``; never a retr
-dependency) — and gets a training budget of ``--minutes``. After every epoch the worker scores
+fresh process (`speed_worker.py`) of its own interpreter — RecTools 0.19 and RecBole 1.2.1 each
+in a virtualenv this script creates (see ``PEERS``; never retr dependencies) — and gets a
+training budget of ``--minutes``. RecBole trains on every prefix of every sequence (about a
+million samples per ml-1m epoch), so its budget ends inside its first epoch: it is trained in
+six segments of the budget, and its s/epoch is extrapolated from the share of the epoch done. After every epoch the worker scores
 all items for all 6,040 users and reports validation NDCG@10 against the same 100 uniform
 negatives per user (ties count half); the clock stops during validation. Then it times top-10
 recommendation for every user (history excluded) and 100 single-history requests. Peak RSS is
 the worker process's maximum resident set (``wait4``). The machine's own limit — matmul
 GFLOP/s on ``--threads`` threads — and the model FLOP/s retr reaches while training are
 measured here too. Leave the machine otherwise idle while it runs.
+
+Rows are merged into ``--out``: a rerun replaces the rows of the same implementation, loss
+and sequence length and keeps the others, each with the command that made it.
 """
 
 from __future__ import annotations
@@ -44,7 +50,12 @@ from retr.models import build_model
 from retr.training.losses import compute_loss
 
 HERE = Path(__file__).resolve().parent
-PEERS = {"rectools": ["torch==2.13.0", "rectools[torch]==0.19.0"]}
+PEERS = {  # pip installs per peer, in order: torch first, so pip keeps the local CPU build
+    "rectools": [["torch==2.13.0"], ["rectools[torch]==0.19.0"]],
+    # RecBole 1.2.1 runs only beside the numpy/pandas/scipy/scikit-learn of its time
+    "recbole": [["torch==2.13.0"], ["numpy<1.24", "pandas<2", "scipy<1.12", "scikit-learn<1.4",
+                                    "recbole==1.2.1"]],
+}
 RUNS = [  # (implementation, model, loss, label)
     ("retr", "sasrec", "bce", "retr SASRec"),
     ("retr", "sasrec", "ce", "retr SASRec"),
@@ -52,7 +63,10 @@ RUNS = [  # (implementation, model, loss, label)
     ("retr", "retr", "bce", "retr RETR"),
     ("rectools", "sasrec", "bce", "RecTools 0.19 SASRec"),
     ("rectools", "sasrec", "ce", "RecTools 0.19 SASRec"),
+    ("recbole", "sasrec", "bce", "RecBole 1.2.1 SASRec"),  # its pairwise loss: BPR
+    ("recbole", "sasrec", "ce", "RecBole 1.2.1 SASRec"),
 ]
+LOSS_NAMES = {"bce": "BCE, 1 negative", "ce": "full softmax CE"}
 
 
 def prepare(work: Path, max_len: int, seed: int = 0) -> dict[str, int]:
@@ -84,10 +98,10 @@ def peer_python(name: str, venv_dir: Path) -> Path:
     venv = venv_dir / name
     python = venv / "bin" / "python"
     if not python.exists():
-        print(f"[speed] creating {venv} with {' '.join(PEERS[name])}", flush=True)
+        print(f"[speed] creating {venv} with {PEERS[name]}", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        for spec in PEERS[name]:  # torch first, so pip keeps the local CPU build
-            subprocess.run([str(python), "-m", "pip", "install", "-q", spec], check=True)
+        for specs in PEERS[name]:
+            subprocess.run([str(python), "-m", "pip", "install", "-q", *specs], check=True)
     return python
 
 
@@ -102,6 +116,18 @@ def run_worker(python: Path, argv: list[str]) -> tuple[dict[str, Any], float]:
     if proc.returncode != 0:
         raise RuntimeError(f"worker {' '.join(argv)} failed with exit code {proc.returncode}")
     return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1024
+
+
+def write_rows(out: Path, rows: list[dict[str, Any]], header: dict[str, Any]) -> None:
+    """Merge ``rows`` into ``out``: same implementation, loss and N replace, others stay."""
+    def key(r: dict[str, Any]) -> tuple[str, str, int]:
+        return r["implementation"], r["loss"], int(r.get("max_len", 200))
+
+    old = json.loads(out.read_text())["rows"] if out.exists() else []
+    new = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in new] + rows
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**header, "rows": merged}, indent=2) + "\n")
 
 
 def matmul_gflops(threads: int, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
@@ -137,17 +163,21 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=4.0, help="training budget per run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--target", type=float, default=0.55)
-    p.add_argument("--peers", default="rectools", help="comma list, or '' for retr only")
+    p.add_argument("--peers", default="rectools,recbole",
+                   help="comma list, or '' for retr only")
+    p.add_argument("--max-len", type=int, default=200, help="sequence length N")
     p.add_argument("--only", default="", help="comma list of run numbers (1-based) to run")
     p.add_argument("--venv-dir", type=Path, default=HERE / ".peers")
     p.add_argument("--work", type=Path, default=HERE / ".peers" / "work")
     p.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
     args = p.parse_args()
-    max_len, hidden, batch = 200, 64, 128
+    max_len, hidden, batch = args.max_len, 64, 128
     stats = prepare(args.work, max_len)
     print(f"[speed] data: {stats}", flush=True)
     peers = {name: peer_python(name, args.venv_dir) for name in filter(None, args.peers.split(","))}
     only = {int(x) for x in args.only.split(",") if x}
+    command = "python benchmarks/bench_speed.py " + " ".join(
+        shlex.quote(a) for a in sys.argv[1:])
     fp32 = matmul_gflops(args.threads, torch.float32)
     bf16 = matmul_gflops(args.threads, torch.bfloat16)
     rows = []
@@ -162,12 +192,18 @@ def main() -> None:
         print(f"[speed] {label} {loss}", flush=True)
         res, rss = run_worker(python, argv)
         sec = float(np.median([e["seconds"] for e in res["epochs"]]))
-        row = {"implementation": label, "loss": {"bce": "BCE, 1 negative",
-                                                   "ce": "full softmax CE"}[loss],
+        if res.get("epoch_seconds_estimate"):  # RecBole: trained part of one epoch
+            sec = res["epoch_seconds_estimate"]
+        loss_name = "BPR, 1 negative" if impl == "recbole" and loss == "bce" else LOSS_NAMES[loss]
+        row = {"implementation": label, "loss": loss_name, "max_len": max_len,
+               "budget_minutes": args.minutes, "command": command,
                "seconds_per_epoch": round(sec, 1),
                "sequences_per_second": round(stats["users"] / sec),
-               "tokens_per_second": round(stats["tokens_per_epoch"] / sec),
-               "epochs_in_budget": len(res["epochs"]),
+               # RecBole's samples are its training positions (one per prefix, none truncated)
+               "tokens_per_second": round(res.get("samples_per_epoch",
+                                                  stats["tokens_per_epoch"]) / sec),
+               "epochs_in_budget": (f"{sum(e['fraction_of_epoch'] for e in res['epochs']):.3f}"
+                                    if impl == "recbole" else len(res["epochs"])),
                "best_valid_sampled_ndcg10": max(e["valid_sampled_ndcg10"] for e in res["epochs"]),
                "time_to_target": (f"{res['time_to_target_seconds']} s"
                                   if res["time_to_target_seconds"] is not None else
@@ -185,18 +221,16 @@ def main() -> None:
             row["fp32_matmul_utilisation_percent"] = round(100 * achieved / fp32, 1)
         rows.append(row)
         print(f"[speed] {json.dumps({k: v for k, v in row.items() if k != 'raw'})}", flush=True)
-    command = "python benchmarks/bench_speed.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:])
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"{args.threads} threads per run; torch {torch.__version__}; matmul 2048² "
                f"{fp32:.0f} GFLOP/s fp32, {bf16:.0f} GFLOP/s bf16")
-    note = (f"ml-1m, N={max_len}, d={hidden}, 2 layers, 2 heads, batch {batch}, training budget "
-            f"{args.minutes:g} min per run (stopped early once validation sampled NDCG@10 "
-            f"reaches {args.target}); {stats['users']} users, {stats['tokens_per_epoch']:,} "
-            "training tokens per epoch. s/epoch is the median epoch; validation time excluded.")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": command, "machine": machine, "note": note,
-                                    "data": stats, "rows": rows}, indent=2) + "\n")
+    note = (f"ml-1m, d={hidden}, 2 layers, 2 heads, batch {batch}, sequence length N and "
+            "training budget per row (stopped early once validation sampled NDCG@10 reaches "
+            f"{args.target}); {stats['users']} users. s/epoch is the median epoch; validation "
+            "time excluded.")
+    for row in rows:
+        row["machine"] = machine
+    write_rows(args.out, rows, {"note": note, "machine": machine, "data": stats})
     print(f"[speed] wrote {args.out}")
 
 

@@ -96,6 +96,129 @@ class RecToolsSide:
         self.model.recommend([user], self.dataset, k=10, filter_viewed=True)
 
 
+class RecBoleSide:
+    """RecBole 1.2.1's SASRec through its own data pipeline, model and loss.
+
+    RecBole turns every prefix of a user's training items into one sample (loss at its last
+    position only), so one of its epochs is far longer than a budget: ``train_epoch`` trains
+    one *segment* of ``budget / 6`` seconds, continuing the same shuffled epoch across calls,
+    and reports which fraction of an epoch that was. Scoring uses ``full_sort_predict`` on the
+    users' training items, left-aligned as RecBole pads them.
+    """
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        import logging
+
+        import torch
+        from recbole.config import Config
+        from recbole.data import create_dataset, data_preparation
+        from recbole.model.sequential_recommender import SASRec
+        from recbole.utils import init_seed
+
+        logging.getLogger().setLevel(logging.WARNING)
+        torch.set_num_threads(args.threads)
+        df = pd.read_csv(work / "train.csv")
+        valid = np.load(work / "valid.npz", allow_pickle=False)
+        # RecBole holds out each user's last item ('valid_only'): append the shared validation
+        # target, so that it trains on exactly train.csv, as the other implementations do
+        last = df.groupby("user_id")["datetime"].max()
+        extra = pd.DataFrame({"user_id": valid["users"], "item_id": valid["targets"],
+                              "datetime": last.loc[valid["users"]].to_numpy() + 1})
+        name = "ml1m"
+        folder = work / "recbole" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        inter = pd.concat([df, extra]).rename(columns={
+            "user_id": "user_id:token", "item_id": "item_id:token", "datetime": "timestamp:float"})
+        inter.to_csv(folder / f"{name}.inter", sep="\t", index=False)
+        loss = {"bce": "BPR", "ce": "CE"}[args.loss]
+        config = Config(model="SASRec", dataset=name, config_dict={
+            "data_path": str(work / "recbole"), "checkpoint_dir": str(work / "recbole" / "saved"),
+            "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
+            "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+            "MAX_ITEM_LIST_LENGTH": args.max_len, "n_layers": args.layers,
+            "n_heads": args.heads, "hidden_size": args.hidden, "inner_size": args.hidden,
+            "hidden_act": "relu", "hidden_dropout_prob": 0.2, "attn_dropout_prob": 0.2,
+            "loss_type": loss, "train_batch_size": args.batch_size, "learning_rate": 1e-3,
+            "train_neg_sample_args": ({"distribution": "uniform", "sample_num": 1,
+                                       "alpha": 1.0, "dynamic": False, "candidate_num": 0}
+                                      if loss == "BPR" else None),
+            "eval_args": {"split": {"LS": "valid_only"}, "order": "TO", "group_by": "user",
+                          "mode": "full"},
+            "seed": args.seed, "reproducibility": False, "device": "cpu", "use_gpu": False,
+            "show_progress": False, "worker": 0})
+        init_seed(config["seed"], config["reproducibility"])
+        dataset = create_dataset(config)
+        self.train_data, _, _ = data_preparation(config, dataset)
+        self.samples_per_epoch = len(self.train_data.dataset)
+        self.model = SASRec(config, self.train_data.dataset)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.segment_seconds = args.minutes * 60 / 6
+        self.batches: Any = None
+        self.items = np.sort(df["item_id"].unique())
+        self.columns = dataset.token2id("item_id", self.items.astype(str))  # RecBole id per item
+        self.max_len = args.max_len
+        self.user_rows: dict[str, np.ndarray] = {  # each user's training items, RecBole ids
+            str(u): dataset.token2id("item_id", g["item_id"].astype(str).to_numpy())
+            for u, g in df.sort_values(["user_id", "datetime"]).groupby("user_id")}
+        self.epoch_fraction = 0.0
+
+    def train_epoch(self) -> None:
+        import time as clock
+
+        self.model.train()
+        start, seen = clock.perf_counter(), 0
+        while clock.perf_counter() - start < self.segment_seconds:
+            if self.batches is None:
+                self.batches = iter(self.train_data)
+            batch = next(self.batches, None)
+            if batch is None:  # the epoch is over: the next segment starts a new one
+                self.batches = None
+                continue
+            loss = self.model.calculate_loss(batch)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            seen += len(batch)
+        self.epoch_fraction = seen / self.samples_per_epoch
+
+    def _states(self, users: np.ndarray) -> Any:
+        """[B, n_recbole_items] scores of ``users`` (external ids) from their training items."""
+        import torch
+        from recbole.data.interaction import Interaction
+
+        rows = [self.user_rows[str(u)][-self.max_len:] for u in users]
+        seq = np.zeros((len(rows), self.max_len), dtype=np.int64)
+        for r, items in enumerate(rows):  # left-aligned, as RecBole pads
+            seq[r, :len(items)] = items
+        batch = Interaction({self.model.ITEM_SEQ: torch.from_numpy(seq),
+                             self.model.ITEM_SEQ_LEN: torch.tensor([len(x) for x in rows])})
+        with torch.no_grad():
+            return self.model.full_sort_predict(batch)
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        return np.concatenate([self._states(users[s:s + 500])[:, self.columns].numpy()
+                               for s in range(0, len(users), 500)])
+
+    def _top10(self, users: np.ndarray) -> Any:
+        import torch
+
+        s = self._states(users)
+        s[:, 0] = -torch.inf  # padding
+        for r, u in enumerate(users):  # history excluded, as recommend(filter_viewed=True)
+            s[r, torch.from_numpy(self.user_rows[str(u)])] = -torch.inf
+        return s.topk(10, dim=1).indices
+
+    def topk_all(self, users: np.ndarray) -> None:
+        self.model.eval()
+        for start in range(0, len(users), 256):
+            self._top10(users[start:start + 256])
+
+    def one(self, user: Any) -> None:
+        self.model.eval()
+        self._top10(np.array([user]))
+
+
 class RetrSide:
     """retr's own training loop pieces (the same code `retr train` runs), one epoch at a time."""
 
@@ -200,7 +323,7 @@ class _Data:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--impl", choices=["retr", "rectools"], required=True)
+    p.add_argument("--impl", choices=["retr", "rectools", "recbole"], required=True)
     p.add_argument("--model", default="sasrec")
     p.add_argument("--loss", choices=["bce", "ce"], default="bce")
     p.add_argument("--precision", default="fp32")
@@ -218,7 +341,8 @@ def main() -> None:
     args = p.parse_args()
     work = args.work
     t0 = time.perf_counter()
-    side: RecToolsSide | RetrSide = (RecToolsSide if args.impl == "rectools" else RetrSide)(args, work)
+    sides = {"retr": RetrSide, "rectools": RecToolsSide, "recbole": RecBoleSide}
+    side: RecToolsSide | RecBoleSide | RetrSide = sides[args.impl](args, work)
     setup_s = time.perf_counter() - t0
     valid = np.load(work / "valid.npz", allow_pickle=False)
     users = valid["users"]
@@ -235,6 +359,8 @@ def main() -> None:
         ndcg = sampled_ndcg10(side.scores(users), target_cols, negative_cols)
         epochs.append({"epoch": len(epochs) + 1, "seconds": round(sec, 2),
                        "valid_sampled_ndcg10": round(ndcg, 4)})
+        if isinstance(side, RecBoleSide):  # a segment of an epoch, not a whole one
+            epochs[-1]["fraction_of_epoch"] = round(side.epoch_fraction, 5)
         print(json.dumps(epochs[-1]), file=sys.stderr, flush=True)
         if reached is None and ndcg >= args.target:
             reached = round(trained, 1)
@@ -247,7 +373,12 @@ def main() -> None:
         t = time.perf_counter()
         side.one(u)
         lat.append(time.perf_counter() - t)
-    print(json.dumps({"setup_seconds": round(setup_s, 1), "epochs": epochs,
+    extra: dict[str, Any] = {}
+    if isinstance(side, RecBoleSide):  # what a whole epoch of its samples would take
+        done = sum(e["fraction_of_epoch"] for e in epochs)
+        extra = {"samples_per_epoch": side.samples_per_epoch,
+                 "epoch_seconds_estimate": round(trained / done, 1) if done else None}
+    print(json.dumps({**extra, "setup_seconds": round(setup_s, 1), "epochs": epochs,
                       "train_seconds": round(trained, 1), "time_to_target_seconds": reached,
                       "full_ranking_seconds": round(full_s, 2), "users": int(len(users)),
                       "latency": _percentiles(lat[5:])}))

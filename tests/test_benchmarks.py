@@ -217,3 +217,31 @@ def test_results_budget_reads_the_recipe_and_notes(tmp_path: Path) -> None:
     assert "## Intra-domain, the paper's recipe" in text
     assert "| 40 / 300, ≤ 8 min |" in text  # cap from the recipe, wall-clock cap from --set
     assert "Seed 0 stopped early." in text and "Hardware: x86_64, 16 CPUs, NVIDIA H200." in text
+
+
+def _speed_row(impl: str, loss: str, max_len: int, command: str) -> dict:
+    return {"implementation": impl, "loss": loss, "max_len": max_len, "budget_minutes": 15,
+            "command": command, "seconds_per_epoch": 1.0, "epochs_in_budget": "0.010",
+            "machine": "x86_64, 2 cores",
+            "raw": {"epochs": [{"seconds": 2.0, "valid_sampled_ndcg10": 0.3}]}}
+
+
+def test_speed_rows_merge_and_render(tmp_path: Path) -> None:
+    """A rerun replaces rows of the same implementation, loss and N, keeps the others, and
+    RESULTS.md lists each row's own command."""
+    import bench_speed
+
+    out = tmp_path / "speed.json"
+    bench_speed.write_rows(out, [_speed_row("retr SASRec", "CE", 200, "cmd-a"),
+                                 _speed_row("RecBole 1.2.1 SASRec", "CE", 200, "cmd-a")], {})
+    bench_speed.write_rows(out, [_speed_row("RecBole 1.2.1 SASRec", "CE", 200, "cmd-b"),
+                                 _speed_row("RecBole 1.2.1 SASRec", "CE", 50, "cmd-b")],
+                           {"note": "the note"})
+    data = json.loads(out.read_text())
+    keys = [(r["implementation"], r["max_len"], r["command"]) for r in data["rows"]]
+    assert keys == [("retr SASRec", 200, "cmd-a"), ("RecBole 1.2.1 SASRec", 200, "cmd-b"),
+                    ("RecBole 1.2.1 SASRec", 50, "cmd-b")]
+    text = "\n".join(make_results.speed_section(out))
+    assert "the note" in text and "1. `cmd-a`" in text and "2. `cmd-b`" in text
+    assert "| RecBole 1.2.1 SASRec | CE | 50 | 15 | 1.0 |" in text
+    assert text.count("| 2 |") == 2  # both RecBole rows point at the second command

@@ -100,3 +100,18 @@ def test_running_topk_equals_full_sort():
         order = sorted(range(ds.n_items + 1), key=lambda i: (-full[r, i].item(), i))[:5]
         assert ids[r].tolist() == order
         assert not set(ids[r].tolist()) & set(items[rows == r].tolist())
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stable_top_matches_a_stable_sort(seed: int) -> None:
+    """Top-k by selection equals the first k columns of a stable descending sort, ties included."""
+    from retr.evaluation.ranking import _stable_top
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (9, 30), generator=g).float()  # many ties, some at the cut
+    scores[0] = 1.0  # a constant row
+    scores[1, :25] = -torch.inf  # fewer finite scores than k
+    scores[2] = torch.randn(30, generator=g)  # no ties
+    for k in (1, 7, 30, 40):
+        want = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(_stable_top(scores, k), want)

@@ -170,7 +170,7 @@ def topk_items(model: SequentialRecommender, h: torch.Tensor, k: int, n_items: i
             s[ex_r[sel], ex_pos[sel] - c0] = -torch.inf
         all_s = torch.cat([best_s, s], dim=1)
         all_i = torch.cat([best_i, ids.expand(b, -1)], dim=1)
-        order = torch.sort(all_s, dim=1, descending=True, stable=True).indices[:, :k]
+        order = _stable_top(all_s, k)
         best_s = all_s.gather(1, order)
         best_i = all_i.gather(1, order)
     best_i = torch.where(torch.isinf(best_s), torch.zeros_like(best_i), best_i)
@@ -179,3 +179,24 @@ def topk_items(model: SequentialRecommender, h: torch.Tensor, k: int, n_items: i
         best_s = torch.cat([best_s, torch.full((b, pad), -torch.inf, device=device)], 1)
         best_i = torch.cat([best_i, torch.zeros((b, pad), dtype=torch.int64, device=device)], 1)
     return best_i, best_s
+
+
+def _stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Columns of each row's k best scores, best first, ties by lower column: what a stable
+    descending sort's first k columns are, without sorting whole rows.
+
+    ``topk`` picks the k; only they are ordered. A row whose k-th score ties with a score
+    left out (the cut falls inside a tie, as for a popularity scorer) is fully sorted, since
+    ``topk`` does not say which of the tied columns it kept.
+    """
+    k = min(k, scores.shape[1])
+    vals, cols = torch.topk(scores, k, dim=1)
+    kth = vals[:, -1:]
+    straddle = (scores == kth).sum(1) != (vals == kth).sum(1)
+    cols = cols.gather(1, torch.sort(cols, dim=1).indices)  # by column, then stably by score
+    cols = cols.gather(1, torch.sort(scores.gather(1, cols), dim=1, descending=True,
+                                     stable=True).indices)
+    if bool(straddle.any()):
+        rows = straddle.nonzero().squeeze(1)
+        cols[rows] = torch.sort(scores[rows], dim=1, descending=True, stable=True).indices[:, :k]
+    return cols
