@@ -186,7 +186,9 @@ def speed_section(path: Path) -> list[str]:
              "(top-10, all users) | single-history p50 / p99 ms | peak RSS MB | model GFLOP/s "
              "(% of fp32 matmul) | command |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     commands: list[str] = []
-    for r in data["rows"]:
+    rows = sorted(data["rows"], key=lambda r: (-int(r.get("max_len", 200)),
+                                               not r["implementation"].startswith("retr")))
+    for r in rows:
         util = (f"{r['model_gflops_per_second']} ({r['fp32_matmul_utilisation_percent']} %)"
                 if "model_gflops_per_second" in r else "-")
         if r["command"] not in commands:
@@ -227,7 +229,7 @@ def speed_curves(data: dict[str, Any], out: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:  # the plot is optional: the table says the same
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
     for r in data["rows"]:
         epochs = r.get("raw", {}).get("epochs", [])
         if not epochs:
@@ -243,7 +245,7 @@ def speed_curves(data: dict[str, Any], out: Path) -> bool:
     ax.set_xscale("log")  # seconds-long epochs beside a peer's quarter-hour budget
     ax.set_title("ml-1m, d=64: quality reached per training second")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
