@@ -163,11 +163,9 @@ class RecBoleSide:
         self.epoch_fraction = 0.0
 
     def train_epoch(self) -> None:
-        import time as clock
-
         self.model.train()
-        start, seen = clock.perf_counter(), 0
-        while clock.perf_counter() - start < self.segment_seconds:
+        start, seen = time.perf_counter(), 0
+        while time.perf_counter() - start < self.segment_seconds:
             if self.batches is None:
                 self.batches = iter(self.train_data)
             batch = next(self.batches, None)
@@ -181,7 +179,7 @@ class RecBoleSide:
             seen += len(batch)
         self.epoch_fraction = seen / self.samples_per_epoch
 
-    def _states(self, users: np.ndarray) -> Any:
+    def _all_scores(self, users: np.ndarray) -> Any:
         """[B, n_recbole_items] scores of ``users`` (external ids) from their training items."""
         import torch
         from recbole.data.interaction import Interaction
@@ -197,13 +195,13 @@ class RecBoleSide:
 
     def scores(self, users: np.ndarray) -> np.ndarray:
         self.model.eval()
-        return np.concatenate([self._states(users[s:s + 500])[:, self.columns].numpy()
+        return np.concatenate([self._all_scores(users[s:s + 500])[:, self.columns].numpy()
                                for s in range(0, len(users), 500)])
 
     def _top10(self, users: np.ndarray) -> Any:
         import torch
 
-        s = self._states(users)
+        s = self._all_scores(users)
         s[:, 0] = -torch.inf  # padding
         for r, u in enumerate(users):  # history excluded, as recommend(filter_viewed=True)
             s[r, torch.from_numpy(self.user_rows[str(u)])] = -torch.inf
