@@ -154,8 +154,25 @@ def head_to_head(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
             pairs.append((label, "sasrec-" + label[len("sasrec-pathway-"):]))
         elif label.startswith("bert4rec-pathway-"):
             pairs.append((label, "bert4rec-" + label[len("bert4rec-pathway-"):]))
-    lines = ["| model | baseline | seeds | full NDCG@10 | baseline | change | sampled NDCG@10 "
-             "| baseline | change |", "|---|---|---|---|---|---|---|---|---|"]
+    return delta_table(groups, pairs, [("full", "NDCG@10"), ("sampled", "NDCG@10")])
+
+
+def ablation_deltas(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each ablation against the unablated row its label extends, over the seeds both have."""
+    pairs = []
+    for label in sorted(groups):
+        bases = [b for b in groups if label.startswith(b + "-")]
+        if bases:
+            pairs.append((label, max(bases, key=len)))
+    return delta_table(groups, pairs, [("full", "NDCG@10"), ("sampled", "NDCG@10"),
+                                       ("sampled", "MRR")])
+
+
+def delta_table(groups: dict[str, list[dict[str, Any]]], pairs: list[tuple[str, str]],
+                columns: list[tuple[str, str]]) -> list[str]:
+    """Mean of each (protocol, metric) for a row and its baseline over their common seeds."""
+    head = "".join(f" {p} {m} | baseline | change |" for p, m in columns)
+    lines = ["| model | baseline | seeds |" + head, "|---|---|---|" + "---|---|---|" * len(columns)]
     for ours, base in pairs:
         if base not in groups:
             continue
@@ -165,9 +182,9 @@ def head_to_head(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
         mine = [r for r in groups[ours] if r["seed"] in common]
         theirs = [r for r in groups[base] if r["seed"] in common]
         row = [ours, base, ",".join(str(x) for x in sorted(common))]
-        for protocol in ("full", "sampled"):
-            a = metric_values(mine, protocol, "NDCG@10")
-            b = metric_values(theirs, protocol, "NDCG@10")
+        for protocol, metric in columns:
+            a = metric_values(mine, protocol, metric)
+            b = metric_values(theirs, protocol, metric)
             if not a or not b:
                 row += ["-", "-", "-"]
                 continue
@@ -328,6 +345,8 @@ def build(records: list[dict[str, Any]], results_dir: Path,
             intra = tables.get("intra-domain", {})
             groups = {**{label: rs for label, rs in intra.items()
                          if any(a.startswith(label + "-") for a in groups)}, **groups}
+            lines += ["### Each switch against unablated RETR (mean test metric over the seeds "
+                      "both have)", "", *ablation_deltas(groups), ""]
         if key == "pathway-only":
             stats = next(iter(groups.values()))[0].get("routes", {})
             lines += [f"Route statistics: `{json.dumps(stats)}`", ""]
