@@ -373,9 +373,10 @@ def main() -> None:
     p.add_argument("results", type=Path)
     p.add_argument("--out", type=Path, default=Path("RESULTS.md"))
     p.add_argument("--grid", type=Path, action="append",
-                   help="grid files whose missing runs are listed (default: cpu and ablations)")
+                   help="grid files whose missing runs are listed (default: cpu, ablations, paper)")
     args = p.parse_args()
-    grids = args.grid or [Path("benchmarks/grids/cpu.toml"), Path("benchmarks/grids/ablations.toml")]
+    grids = args.grid or [Path("benchmarks/grids/cpu.toml"), Path("benchmarks/grids/ablations.toml"),
+                          Path("benchmarks/grids/paper.toml")]
     records = []
     for f in sorted(args.results.glob("*.json")):
         obj = json.loads(f.read_text())
