@@ -158,3 +158,22 @@ def test_missing_tensorboard_fails_before_writing(tmp_path, capsys, monkeypatch)
                  *_sets("sasrec", 1, ["train.tensorboard=true"])])
     assert code != 0 and "pip install tensorboard" in capsys.readouterr().err
     assert not d.exists() or not any(d.iterdir())
+
+
+@pytest.mark.parametrize("min_epochs, ran", [(0, 2), (4, 4)])
+def test_min_epochs_holds_early_stopping(tmp_path, min_epochs, ran):
+    """With no improvement (a learning rate too small to move a weight), patience 1 ends the
+    run after its second epoch, unless min_epochs asks for more."""
+    d = tmp_path / "run"
+    extra = ["train.patience=1", "train.lr=1e-12", f"train.min_epochs={min_epochs}"]
+    assert main(["train", "--data", DATA, "--model", "sasrec", "--out", str(d),
+                 *_sets("sasrec", 6, extra)]) == 0
+    assert len((d / "metrics.jsonl").read_text().splitlines()) == ran
+
+
+def test_min_epochs_must_not_be_negative():
+    from retr.config import TrainConfig
+    from retr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.min_epochs"):
+        TrainConfig(min_epochs=-1)

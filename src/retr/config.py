@@ -71,7 +71,9 @@ class TrainConfig:
     uniform negatives per step), "ce" (full softmax), "sampled_softmax" (``negatives`` shared
     uniform negatives per batch, logQ-free), "gbce" (gSASRec's generalised BCE, ``gbce_t``).
     epochs: maximum epochs; patience: early stop after this many validations without
-    improvement of ``valid_metric`` under ``valid_protocol`` (paper: 10).
+    improvement of ``valid_metric`` under ``valid_protocol`` (paper: 10); min_epochs: no early
+    stop before this many epochs (under BPR a model can sit at the popularity level for 10+
+    epochs before it starts to learn, long enough for patience 10 to end the run there).
     deterministic: torch deterministic algorithms (exact resume on CPU).
     precision: "fp32" (the paper) or "bf16" (autocast of the training forward pass and loss;
     about 2.5x faster output-layer matmuls on CPUs with bf16 units; weights, optimizer state
@@ -86,6 +88,7 @@ class TrainConfig:
     negatives: int = 1
     gbce_t: float = 0.75
     patience: int = 10
+    min_epochs: int = 0
     valid_metric: str = "NDCG@10"
     valid_protocol: str = "full"
     eval_every: int = 1
@@ -109,8 +112,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if self.patience < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("train.patience, train.weight_decay and train.grad_clip must be >= 0")
+        if min(self.patience, self.min_epochs, self.weight_decay, self.grad_clip) < 0:
+            raise ConfigError("train.patience, train.min_epochs, train.weight_decay and "
+                              "train.grad_clip must be >= 0")
         if self.valid_protocol not in ("full", "sampled"):
             raise ConfigError(f"train.valid_protocol must be 'full' or 'sampled', got {self.valid_protocol!r}")
 

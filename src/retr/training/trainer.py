@@ -310,7 +310,8 @@ def _fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: P
     split = data.split
     n_train = len(split.train_users)
     for epoch in range(start_epoch, tc.epochs + 1):
-        if (tc.patience and bad >= tc.patience) or (tc.max_minutes and elapsed >= tc.max_minutes * 60):
+        if _patience_spent(tc, bad, epoch - 1) or (tc.max_minutes
+                                                   and elapsed >= tc.max_minutes * 60):
             break
         t0 = time.perf_counter()
         model.train()
@@ -390,12 +391,17 @@ def _fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: P
         # rank 0's evaluation decides for everyone (the others wait here meanwhile)
         shared = distributed.share_from_main([best, best_epoch, bad, elapsed], ctx, device)
         best, best_epoch, bad, elapsed = shared[0], int(shared[1]), int(shared[2]), shared[3]
-        if tc.patience and bad >= tc.patience:
+        if _patience_spent(tc, bad, epoch):
             log(f"early stop: no {tc.valid_metric} improvement for {bad} epochs")
     if writer is not None:
         writer.close()
     if best_epoch == 0 and ctx.is_main:
         save_weights(model, run_dir / "model.safetensors", {**meta, "epoch": "0"})
+
+
+def _patience_spent(tc: TrainConfig, bad: int, epochs_done: int) -> bool:
+    """Early stopping: ``patience`` epochs without improvement, once ``min_epochs`` have run."""
+    return bool(tc.patience) and bad >= tc.patience and epochs_done >= tc.min_epochs
 
 
 def _json_line(obj: dict[str, Any]) -> str:
