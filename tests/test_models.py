@@ -445,3 +445,25 @@ def test_router_is_light_at_paper_size() -> None:
                                                       num_layers=2, max_len=200))
     ratio = count_parameters(retr) / count_parameters(sasrec)
     assert 1.0 < ratio < 1.1
+
+
+@pytest.mark.parametrize("key", list(TINY))
+def test_user_representation_is_the_full_forward_at_the_last_position(key: str) -> None:
+    """The last-position shortcut of inference changes nothing but the work done."""
+    model = tiny(key).eval()
+    seqs = batch(3)
+    with torch.no_grad():
+        h = model.user_representation(seqs)
+        if key.startswith("bert4rec"):  # its input: the window slid by one, then [mask]
+            mask_col = torch.full_like(seqs[:, :1], model.mask_id)
+            seqs = torch.cat([seqs[:, 1:], mask_col], dim=1)
+        full = model(seqs).hidden[:, -1]
+    assert h.shape == full.shape
+    torch.testing.assert_close(h, full, rtol=1e-5, atol=1e-6)
+
+
+def test_last_only_refuses_pathway_attention() -> None:
+    block = tiny("sasrec_pathway").blocks[-1]
+    x = torch.randn(2, 5, D)
+    with pytest.raises(ValueError, match="last_only needs self-attention"):
+        block(x, torch.ones(2, 5, dtype=torch.bool), last_only=True)

@@ -140,19 +140,25 @@ class BERT4Rec(SequentialRecommender):
         return cloze_batch(seqs, self.mask_id, self.config.mask_prob, generator,
                            self.config.last_item_mask_prob)
 
-    def forward(self, seqs: torch.Tensor, output_attentions: bool = False) -> ModelOutput:
+    def forward(self, seqs: torch.Tensor, output_attentions: bool = False,
+                last_only: bool = False) -> ModelOutput:
+        """``last_only``: hidden [B, 1, d+1] of the last position alone (the last block computes
+        no other query); with pathway attention every position is computed regardless."""
         real = seqs != 0  # [B, N] items and [mask] are real; padding is not
         x = self.item_embedding(seqs) + self.position(seqs.shape[1])  # [B, N, d] h^0
         x = self.dropout(self.embed_norm(x))  # [B, N, d]
         route = real.to(x.dtype) if self.config.attention == "pathway" else None  # R^0
         outs = []
-        for block in self.blocks:
-            out = block(x, real, route, output_attentions)
+        last = last_only and self.config.attention == "self"
+        for i, block in enumerate(self.blocks):
+            out = block(x, real, route, output_attentions,
+                        last_only=last and i == len(self.blocks) - 1)
             x, route = out.x, out.route  # [B, N, d] h^l
             outs.append(out)
         h = F.gelu(self.head(x))  # [B, N, d] GELU(h^L W^P + b^P)
         hidden = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)  # [B, N, d+1] [h, 1]
-        hidden = hidden * real.unsqueeze(-1).to(hidden.dtype)  # padding rows zeroed
+        q_real = real[:, -hidden.shape[1]:]  # [B, N] (or [B, 1] for the last position alone)
+        hidden = hidden * q_real.unsqueeze(-1).to(hidden.dtype)  # padding rows zeroed
         return collect_output(hidden, outs, output_attentions)
 
     def item_representation(self, items: torch.Tensor) -> torch.Tensor:
@@ -162,4 +168,4 @@ class BERT4Rec(SequentialRecommender):
     def user_representation(self, seqs: torch.Tensor) -> torch.Tensor:
         """[B, d+1]: append [mask] after the most recent item (the window slides by one)."""
         mask_col = torch.full_like(seqs[:, :1], self.mask_id)  # [B, 1]
-        return self.forward(torch.cat([seqs[:, 1:], mask_col], dim=1)).hidden[:, -1]
+        return self.forward(torch.cat([seqs[:, 1:], mask_col], dim=1), last_only=True).hidden[:, -1]

@@ -181,23 +181,29 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, query_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
                 output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (output [B, N, d], weights [B, h, N, N] or None); padding query rows are 0."""
-        b, n, d = query_in.shape
+        """-> (output [B, Nq, d], weights [B, h, Nq, N] or None); padding query rows are 0.
+
+        The Nq queries are the last Nq of the N key positions (Nq = N in training; Nq = 1 when
+        only the next-item state is needed), ``real`` [B, N] marks the real keys.
+        """
+        b, nq, d = query_in.shape
+        n = kv_in.shape[1]
         h, dh = self.heads, d // self.heads
-        q = self.query(query_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
+        q = self.query(query_in).view(b, nq, h, dh).transpose(1, 2)  # [B, h, Nq, d/h]
         k = self.key(kv_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
         v = self.value(kv_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
-        allowed = attention_mask(real, self.causal)  # [B, 1, N, N]
+        allowed = attention_mask(real, self.causal)[:, :, n - nq:]  # [B, 1, Nq, N]
+        q_real = real[:, n - nq:]  # [B, Nq]
         p = self.dropout if self.training else 0.0
         weights: torch.Tensor | None = None
         if output_attentions:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(dh)  # [B, h, N, N]
-            probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, h, N, N]
-            y = F.dropout(probs, p, self.training) @ v  # [B, h, N, d/h]
-            weights = probs * real[:, None, :, None]  # padding queries have no distribution
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(dh)  # [B, h, Nq, N]
+            probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, h, Nq, N]
+            y = F.dropout(probs, p, self.training) @ v  # [B, h, Nq, d/h]
+            weights = probs * q_real[:, None, :, None]  # padding queries have no distribution
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
-        y = y.transpose(1, 2).reshape(b, n, d) * real.unsqueeze(-1)  # [B, N, d] concat heads
+        y = y.transpose(1, 2).reshape(b, nq, d) * q_real.unsqueeze(-1)  # [B, Nq, d] concat heads
         return self.out(y), weights
 
 
@@ -250,14 +256,21 @@ class TransformerBlock(nn.Module):
         return out, weights, route, None
 
     def forward(self, x: torch.Tensor, real: torch.Tensor, route: torch.Tensor | None = None,
-                output_attentions: bool = False) -> BlockOutput:
-        """x [B, N, d], real [B, N], route R^{l-1} [B, N] (pathway) -> BlockOutput."""
+                output_attentions: bool = False, last_only: bool = False) -> BlockOutput:
+        """x [B, N, d], real [B, N], route R^{l-1} [B, N] (pathway) -> BlockOutput.
+
+        ``last_only``: only the last position is computed (x [B, 1, d] out), for a last block
+        whose other outputs nobody reads; self-attention only (a route needs every token).
+        """
+        if last_only and isinstance(self.attn, PathwayAttention):
+            raise ValueError("last_only needs self-attention: the router reads every token")
+        xq = x[:, -1:] if last_only else x  # the positions whose output is computed
         if self.norm == "post":
-            a, weights, route, keep = self._attend(x, x, real, route, output_attentions)
-            x = self.ln1(x + self.dropout(a))  # [B, N, d] Ẑ = LN(Attn(Z) + Z)
+            a, weights, route, keep = self._attend(xq, x, real, route, output_attentions)
+            x = self.ln1(xq + self.dropout(a))  # [B, N, d] Ẑ = LN(Attn(Z) + Z)
             x = self.ln2(x + self.ffn(x))  # [B, N, d] Z' = LN(FFN(Ẑ) + Ẑ)
         else:
-            q = self.ln1(x)  # [B, N, d] layer-normed queries
+            q = self.ln1(xq)  # [B, N, d] layer-normed queries
             a, weights, route, keep = self._attend(q, x, real, route, output_attentions)
             x = q + a  # [B, N, d]
             h = self.ln2(x)  # [B, N, d]

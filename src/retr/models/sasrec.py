@@ -92,7 +92,10 @@ class SASRec(SequentialRecommender):
         self.final_norm = nn.LayerNorm(d, eps=1e-8)
         init_weights(self, "xavier")
 
-    def forward(self, seqs: torch.Tensor, output_attentions: bool = False) -> ModelOutput:
+    def forward(self, seqs: torch.Tensor, output_attentions: bool = False,
+                last_only: bool = False) -> ModelOutput:
+        """``last_only``: hidden [B, 1, d] of the last position alone (the last block computes
+        no other query); with pathway attention every position is computed regardless."""
         real = seqs != 0  # [B, N]
         # embedding layer: item embedding scaled by sqrt(d) plus learnable positions
         x = self.item_embedding(seqs) * math.sqrt(self.config.hidden_size)  # [B, N, d]
@@ -101,12 +104,19 @@ class SASRec(SequentialRecommender):
         x = self.dropout(x) * mask  # [B, N, d] padding rows zeroed
         route = real.to(x.dtype) if self.config.attention == "pathway" else None  # R^0
         outs = []
-        for block in self.blocks:
-            out = block(x, real, route, output_attentions)
+        last = last_only and self.config.attention == "self"
+        for i, block in enumerate(self.blocks):
+            final = last and i == len(self.blocks) - 1
+            if final:
+                mask = mask[:, -1:]  # [B, 1, 1] from here on only the last position
+            out = block(x, real, route, output_attentions, last_only=final)
             x, route = out.x * mask, out.route  # [B, N, d] padding rows zeroed after each block
             outs.append(out)
         hidden = self.final_norm(x) * mask  # [B, N, d] F; score(k, t) = e_k · F_t
         return collect_output(hidden, outs, output_attentions)
+
+    def user_representation(self, seqs: torch.Tensor) -> torch.Tensor:
+        return self.forward(seqs, last_only=True).hidden[:, -1]  # [B, d]
 
     def item_representation(self, items: torch.Tensor) -> torch.Tensor:
         return self.item_embedding(items)  # [..., d] shared with the input (unscaled)
