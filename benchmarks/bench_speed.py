@@ -12,7 +12,8 @@ fresh process (`speed_worker.py`) of its own interpreter — RecTools 0.19 and R
 in a virtualenv this script creates (see ``PEERS``; never retr dependencies) — and gets a
 training budget of ``--minutes``. RecBole trains on every prefix of every sequence (about a
 million samples per ml-1m epoch), so its budget ends inside its first epoch: it is trained in
-six segments of the budget, and its s/epoch is extrapolated from the share of the epoch done. After every epoch the worker scores
+six segments of the budget, and its s/epoch is extrapolated from the share of the epoch done.
+After every epoch (or segment) the worker scores
 all items for all 6,040 users and reports validation NDCG@10 against the same 100 uniform
 negatives per user (ties count half); the clock stops during validation. Then it times top-10
 recommendation for every user (history excluded) and 100 single-history requests. Peak RSS is
@@ -191,19 +192,19 @@ def main() -> None:
                 "--hidden", str(hidden), "--batch-size", str(batch)]
         print(f"[speed] {label} {loss}", flush=True)
         res, rss = run_worker(python, argv)
-        sec = float(np.median([e["seconds"] for e in res["epochs"]]))
-        if res.get("epoch_seconds_estimate"):  # RecBole: trained part of one epoch
-            sec = res["epoch_seconds_estimate"]
+        partial = "samples_per_epoch" in res  # RecBole: the budget ended inside an epoch
+        sec = (res["epoch_seconds_estimate"] if partial
+               else float(np.median([e["seconds"] for e in res["epochs"]])))
         loss_name = "BPR, 1 negative" if impl == "recbole" and loss == "bce" else LOSS_NAMES[loss]
         row = {"implementation": label, "loss": loss_name, "max_len": max_len,
                "budget_minutes": args.minutes, "command": command,
                "seconds_per_epoch": round(sec, 1),
                "sequences_per_second": round(stats["users"] / sec),
                # RecBole's samples are its training positions (one per prefix, none truncated)
-               "tokens_per_second": round(res.get("samples_per_epoch",
-                                                  stats["tokens_per_epoch"]) / sec),
+               "tokens_per_second": round((res["samples_per_epoch"] if partial
+                                           else stats["tokens_per_epoch"]) / sec),
                "epochs_in_budget": (f"{sum(e['fraction_of_epoch'] for e in res['epochs']):.3f}"
-                                    if impl == "recbole" else len(res["epochs"])),
+                                    if partial else len(res["epochs"])),
                "best_valid_sampled_ndcg10": max(e["valid_sampled_ndcg10"] for e in res["epochs"]),
                "time_to_target": (f"{res['time_to_target_seconds']} s"
                                   if res["time_to_target_seconds"] is not None else
@@ -230,7 +231,7 @@ def main() -> None:
             "time excluded.")
     for row in rows:
         row["machine"] = machine
-    write_rows(args.out, rows, {"note": note, "machine": machine, "data": stats})
+    write_rows(args.out, rows, {"note": note, "data": stats})
     print(f"[speed] wrote {args.out}")
 
 

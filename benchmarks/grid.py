@@ -6,12 +6,14 @@ Usage:
 
 A grid file lists ``[[run]]`` tables (recipe config, optional label and ``--set`` overrides),
 the seeds, optional top-level ``set`` overrides applied to every run before its own (the
-budget, for example) and the ``table`` of RESULTS.md its rows belong to. Each run trains into ``<out>/runs/<label>-seed<k>`` and writes
-``<out>/<label>-seed<k>.json`` holding the run's results.json, its per-epoch budget and the
-exact command that made it, and the hardware it ran on. Finished runs are skipped, so a
+budget, for example) and the ``table`` of RESULTS.md its rows belong to. Each run trains
+into ``<out>/runs/<label>-seed<k>`` and writes ``<out>/<label>-seed<k>.json`` holding the
+run's results.json, its per-epoch budget, the exact command that made it, and the hardware
+it ran on. Finished runs are skipped, so a
 killed grid resumes where it stopped. ``--jobs`` runs several at once (one GPU shared by
 several small runs, or a many-core machine); ``--stop-after-minutes`` starts no new run after
-that time, for a machine that is only lent for a while. `benchmarks/make_results.py` turns the JSON files into RESULTS.md.
+that time, for a machine that is only lent for a while. `benchmarks/make_results.py` turns
+the JSON files into RESULTS.md.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def run_and_record(out: Path, name: str, argv: list[str], run_dir: Path,
     metrics = run_dir / "metrics.jsonl"
     epochs = [json.loads(line) for line in metrics.read_text().splitlines()] \
         if metrics.exists() else []
-    record = {**extra, "command": shown, "hardware": hardware(argv), "wall_seconds": round(wall, 1), "epochs": len(epochs),
+    record = {**extra, "command": shown, "hardware": hardware(argv),
+              "wall_seconds": round(wall, 1), "epochs": len(epochs),
               "train_seconds": round(sum(e["train_seconds"] for e in epochs), 1),
               "median_epoch_seconds": median_epoch_seconds(epochs), "results": results}
     record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

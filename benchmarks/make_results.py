@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import shlex
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -87,26 +87,20 @@ def _test(record: dict[str, Any], protocol: str) -> dict[str, Any] | None:
 
 
 def _cap(record: dict[str, Any]) -> str:
-    """The epoch cap in force (the command's last override, else the recipe's), and the
-    wall-clock cap when the command sets one."""
-    command = record["command"]
-    found = re.findall(r"train\.epochs=(\d+)", command)
-    cap = found[-1] if found else _recipe_epochs(record.get("config"))
-    minutes = re.findall(r"train\.max_minutes=([\d.]+)", command)
-    if minutes and float(minutes[-1]) > 0:
-        cap += f", ≤ {float(minutes[-1]):g} min"
-    return cap
+    """The epoch cap the run trained under (its recipe and ``--set`` overrides, resolved as
+    ``retr train`` resolves them), and the wall-clock cap when there is one."""
+    from retr.config import resolve_config
+    from retr.errors import RetrError
 
-
-def _recipe_epochs(config: str | None) -> str:
-    import tomllib
-
+    argv = shlex.split(record["command"])
+    sets = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--set"]
+    config = record.get("config") or (argv[argv.index("--config") + 1]
+                                      if "--config" in argv[:-1] else None)
     try:
-        recipe = tomllib.loads(Path(config).read_text(encoding="utf-8")) if config else {}
-    except (OSError, tomllib.TOMLDecodeError):
+        train = resolve_config(config if config and Path(config).is_file() else None, sets).train
+    except RetrError:
         return "-"
-    epochs = recipe.get("train", {}).get("epochs")
-    return str(epochs) if isinstance(epochs, int) else "-"
+    return f"{train.epochs}" + (f", ≤ {train.max_minutes:g} min" if train.max_minutes > 0 else "")
 
 
 def metric_values(rs: list[dict[str, Any]], protocol: str, metric: str) -> list[float]:
@@ -286,24 +280,22 @@ def params_section(path: Path) -> list[str]:
 
 def coverage(records: list[dict[str, Any]], grids: list[Path]) -> list[str]:
     """The grid runs with no record yet: what RESULTS.md does not cover."""
-    import tomllib
+    from grid import load_grid
 
     have = {(r["label"], r["seed"]) for r in records}
     lines = []
     for path in grids:
         if not path.exists():
             continue
-        grid = tomllib.loads(path.read_text(encoding="utf-8"))
-        seeds = [int(x) for x in grid.get("seeds", [0, 1, 2])]
+        runs, seeds, _ = load_grid(path)
         missing = []
-        for run in grid.get("run", []):
-            label = run.get("label", Path(run["config"]).stem)
-            absent = [x for x in seeds if (label, x) not in have]
+        for run in runs:
+            absent = [x for x in seeds if (run["label"], x) not in have]
             if absent:
-                missing.append(label if len(absent) == len(seeds)
-                               else f"{label} (seed {','.join(map(str, absent))})")
+                missing.append(run["label"] if len(absent) == len(seeds)
+                               else f"{run['label']} (seed {','.join(map(str, absent))})")
         if missing:
-            lines.append(f"- `{path.as_posix()}`: {len(missing)} of {len(grid.get('run', []))} "
+            lines.append(f"- `{path.as_posix()}`: {len(missing)} of {len(runs)} "
                          f"rows incomplete: {', '.join(missing)}.")
     if not lines:
         return []

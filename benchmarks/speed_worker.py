@@ -157,9 +157,11 @@ class RecBoleSide:
         self.items = np.sort(df["item_id"].unique())
         self.columns = dataset.token2id("item_id", self.items.astype(str))  # RecBole id per item
         self.max_len = args.max_len
-        self.user_rows: dict[str, np.ndarray] = {  # each user's training items, RecBole ids
-            str(u): dataset.token2id("item_id", g["item_id"].astype(str).to_numpy())
-            for u, g in df.sort_values(["user_id", "datetime"]).groupby("user_id")}
+        # every user's training items as RecBole ids, flat in user then time order (CSR)
+        ordered = df.sort_values(["user_id", "datetime"])
+        self.users, self.lengths = np.unique(ordered["user_id"].to_numpy(), return_counts=True)
+        self.ends = np.cumsum(self.lengths)
+        self.flat = dataset.token2id("item_id", ordered["item_id"].astype(str).to_numpy())
         self.epoch_fraction = 0.0
 
     def train_epoch(self) -> None:
@@ -184,12 +186,14 @@ class RecBoleSide:
         import torch
         from recbole.data.interaction import Interaction
 
-        rows = [self.user_rows[str(u)][-self.max_len:] for u in users]
-        seq = np.zeros((len(rows), self.max_len), dtype=np.int64)
-        for r, items in enumerate(rows):  # left-aligned, as RecBole pads
-            seq[r, :len(items)] = items
-        batch = Interaction({self.model.ITEM_SEQ: torch.from_numpy(seq),
-                             self.model.ITEM_SEQ_LEN: torch.tensor([len(x) for x in rows])})
+        r = np.searchsorted(self.users, users)
+        lengths = np.minimum(self.lengths[r], self.max_len)  # the last max_len items
+        cols = np.arange(self.max_len)
+        pos = (self.ends[r] - lengths)[:, None] + cols  # [B, N]
+        real = cols < lengths[:, None]  # left-aligned, as RecBole pads
+        seq = np.where(real, self.flat[np.minimum(pos, len(self.flat) - 1)], 0)
+        batch = Interaction({self.model.ITEM_SEQ: torch.from_numpy(seq.astype(np.int64)),
+                             self.model.ITEM_SEQ_LEN: torch.from_numpy(lengths)})
         with torch.no_grad():
             return self.model.full_sort_predict(batch)
 
@@ -203,8 +207,13 @@ class RecBoleSide:
 
         s = self._all_scores(users)
         s[:, 0] = -torch.inf  # padding
-        for r, u in enumerate(users):  # history excluded, as recommend(filter_viewed=True)
-            s[r, torch.from_numpy(self.user_rows[str(u)])] = -torch.inf
+        # history excluded, as recommend(filter_viewed=True): every training item of each row
+        r = np.searchsorted(self.users, users)
+        n = self.lengths[r]
+        within = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        items = self.flat[np.repeat(self.ends[r] - n, n) + within]
+        rows = np.repeat(np.arange(len(users)), n)
+        s[torch.from_numpy(rows), torch.from_numpy(items.astype(np.int64))] = -torch.inf
         return s.topk(10, dim=1).indices
 
     def topk_all(self, users: np.ndarray) -> None:
