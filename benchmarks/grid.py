@@ -8,8 +8,8 @@ A grid file lists ``[[run]]`` tables (recipe config, optional label and ``--set`
 the seeds, optional top-level ``set`` overrides applied to every run before its own (the
 budget, for example) and the ``table`` of RESULTS.md its rows belong to. Each run trains
 into ``<out>/runs/<label>-seed<k>`` and writes ``<out>/<label>-seed<k>.json`` holding the
-run's results.json, its per-epoch budget, the exact command that made it, and the hardware
-it ran on. Finished runs are skipped, so a
+run's results.json, its per-epoch budget, the exact command that made it, the hardware it
+ran on and the commit of the code. Finished runs are skipped, so a
 killed grid resumes where it stopped. ``--jobs`` runs several at once (one GPU shared by
 several small runs, or a many-core machine); ``--stop-after-minutes`` starts no new run after
 that time, for a machine that is only lent for a while. `benchmarks/make_results.py` turns
@@ -71,6 +71,24 @@ def hardware(argv: list[str]) -> str:
     return text
 
 
+def code_version() -> str:
+    """The commit the run's code came from ("-dirty" when src/ had local changes), else the
+    package version: rows made by different code can be told apart."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "src"],
+                               capture_output=True, text=True)
+    except OSError:
+        head = dirty = None
+    if head is not None and dirty is not None and head.returncode == 0:
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    import retr
+
+    return f"retr {retr.__version__}"
+
+
 def median_epoch_seconds(epochs: list[dict[str, Any]]) -> float | None:
     """The typical epoch: robust to one epoch slowed by a paused or busy machine."""
     return round(statistics.median(e["train_seconds"] for e in epochs), 2) if epochs else None
@@ -95,6 +113,7 @@ def run_and_record(out: Path, name: str, argv: list[str], run_dir: Path,
     elif run_dir.exists():  # killed before its first epoch ended: nothing to resume
         shutil.rmtree(run_dir)
     print(f"[grid] {name}: {shown}", flush=True)
+    code = code_version()
     t0 = time.perf_counter()
     proc = subprocess.run(full, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -105,7 +124,7 @@ def run_and_record(out: Path, name: str, argv: list[str], run_dir: Path,
     metrics = run_dir / "metrics.jsonl"
     epochs = [json.loads(line) for line in metrics.read_text().splitlines()] \
         if metrics.exists() else []
-    record = {**extra, "command": shown, "hardware": hardware(argv),
+    record = {**extra, "command": shown, "hardware": hardware(argv), "code": code,
               "wall_seconds": round(wall, 1), "epochs": len(epochs),
               "train_seconds": round(sum(e["train_seconds"] for e in epochs), 1),
               "median_epoch_seconds": median_epoch_seconds(epochs), "results": results}

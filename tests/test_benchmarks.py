@@ -93,6 +93,7 @@ def test_run_and_record_writes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert grid.run_and_record(tmp_path, "pop", argv, run_dir, {"label": "pop", "seed": 0})
     record = json.loads((tmp_path / "pop.json").read_text())
     assert record["command"].startswith("retr train --data") and record["epochs"] == 0
+    assert record["code"] == grid.code_version() and record["code"]  # a commit, or the version
     assert {r["protocol"] for r in record["results"]["results"]} == {"full", "sampled"}
     (tmp_path / "pop.json").write_text(json.dumps({**record, "marker": 1}))
     assert grid.run_and_record(tmp_path, "pop", argv, run_dir, {})  # exists: not rerun

@@ -177,3 +177,68 @@ def test_min_epochs_must_not_be_negative():
 
     with pytest.raises(ConfigError, match="train.min_epochs"):
         TrainConfig(min_epochs=-1)
+
+
+@pytest.mark.parametrize("key", ["sasrec", "sasrec_pathway", "retr", "bert4rec", "gru4rec"])
+def test_length_groups_give_the_loss_and_gradients_of_one_padded_batch(key):
+    from retr.config import TrainConfig
+    from retr.training.trainer import batch_loss, length_groups
+    from tests.test_models import N_ITEMS, tiny
+
+    model = tiny(key).eval()  # no dropout: both ways must agree to rounding
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([16, 1, 9, 3, 12, 5, 2, 16, 7])
+    seqs = torch.randint(1, N_ITEMS + 1, (9, 16), generator=g)
+    seqs[torch.arange(16)[None, :] < 16 - lengths[:, None]] = 0  # left padding
+    if key == "bert4rec":
+        inputs, targets = model.cloze_batch(seqs, g)
+    else:
+        inputs, targets = seqs[:, :-1], torch.where(seqs[:, :-1] > 0, seqs[:, 1:], 0)
+    groups = length_groups(inputs, 3)
+    assert [w for _, w in groups] == sorted(w for _, w in groups) and len(groups) == 3
+    assert sorted(torch.cat([r for r, _ in groups]).tolist()) == list(range(9))
+    grads = []
+    for k in (1, 3, 9):
+        model.zero_grad()
+        loss, mask = batch_loss(TrainConfig(loss="ce", length_groups=k), model, model, inputs,
+                                targets, torch.Generator())
+        loss.backward()
+        assert torch.equal(mask, targets > 0)
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()
+                                      if p.grad is not None]))
+    for loss, g_k in grads[1:]:
+        torch.testing.assert_close(loss, grads[0][0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(g_k, grads[0][1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_length_groups_must_be_positive():
+    from retr.config import TrainConfig
+    from retr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="length_groups"):
+        TrainConfig(length_groups=0)
+
+
+@pytest.mark.parametrize("key", ["sasrec", "bert4rec"])
+def test_fused_cross_entropy_matches_the_library_one(key):
+    import torch.nn.functional as F
+
+    from retr.training.losses import ce_loss
+    from tests.test_models import N_ITEMS, tiny
+
+    model = tiny(key)
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(50, model.item_representation(torch.tensor([1])).shape[-1], generator=g,
+                    requires_grad=True)
+    targets = torch.randint(1, N_ITEMS + 1, (50,), generator=g)
+    loss = ce_loss(model, h, targets, g)
+    grads = torch.autograd.grad(loss, [h, *model.parameters()], allow_unused=True)
+    items = torch.arange(1, N_ITEMS + 1)
+    ref = F.cross_entropy(model.score_items(h, items), targets - 1)
+    ref_grads = torch.autograd.grad(ref, [h, *model.parameters()], allow_unused=True)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -78,6 +78,11 @@ class TrainConfig:
     precision: "fp32" (the paper) or "bf16" (autocast of the training forward pass and loss;
     about 2.5x faster output-layer matmuls on CPUs with bf16 units; weights, optimizer state
     and evaluation stay fp32).
+    length_groups: each batch is sorted by history length and cut into this many groups, each
+    run with its left padding trimmed to its longest history (1 = one batch padded to N). The
+    same users, the same positions and the same loss: padding never changes a real position
+    and positions are right-aligned, so only the work on padding goes (about a third of the
+    token work and half the attention on ml-1m at N=200). Single-process training only.
     """
 
     loss: str = "bpr"
@@ -100,6 +105,7 @@ class TrainConfig:
     progress: bool = True
     max_minutes: float = 0.0
     precision: str = "fp32"
+    length_groups: int = 4
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
@@ -107,7 +113,7 @@ class TrainConfig:
         if self.loss not in ("bpr", "bce", "ce", "sampled_softmax", "gbce"):
             raise ConfigError("train.loss must be one of bpr, bce, ce, sampled_softmax, gbce; "
                               f"got {self.loss!r}")
-        for name in ("epochs", "batch_size", "negatives", "eval_every"):
+        for name in ("epochs", "batch_size", "negatives", "eval_every", "length_groups"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:

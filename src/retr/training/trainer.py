@@ -142,19 +142,44 @@ def training_batch(model: SequentialRecommender, data: RunData, users: np.ndarra
     return inputs.to(device), targets.to(device)
 
 
+def length_groups(inputs: torch.Tensor, groups: int) -> list[tuple[torch.Tensor, int]]:
+    """(rows, width) per group: the batch's rows sorted by history length, cut into ``groups``
+    equal parts, each with the width of its longest history (left padding beyond it is idle)."""
+    lengths = (inputs > 0).sum(dim=1)  # [B] real tokens per row (left-padded)
+    order = torch.argsort(lengths, stable=True)  # [B] shortest first
+    out = []
+    for rows in torch.tensor_split(order, min(groups, len(order))):
+        width = int(lengths[rows].max()) if len(rows) else 0
+        if width:
+            out.append((rows, width))
+    return out
+
+
 def batch_loss(tc: TrainConfig, model: SequentialRecommender, forward: Any, inputs: torch.Tensor,
                targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, target mask) of one batch; ``forward`` is the model or its DDP wrapper.
 
+    The rows run in ``train.length_groups`` groups of similar length, each trimmed to its
+    longest history, and one loss is taken over every group's target positions: the mean over
+    the same positions as one padded batch (DDP takes one forward per step, so one group there).
     The forward pass and loss run under bf16 autocast when ``train.precision`` asks for it;
     the loss comes back in fp32 either way.
     """
+    mask = targets > 0  # [B, N]
+    groups = tc.length_groups if forward is model else 1
+    n = inputs.shape[1]
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16,
                         enabled=tc.precision == "bf16"):
-        hidden = forward(inputs).hidden  # [B, N, d]
-        mask = targets > 0
-        loss = compute_loss(tc.loss, model, hidden[mask], targets[mask], gen, tc.negatives,
-                            tc.gbce_t).float()
+        if groups == 1:
+            hidden, target = forward(inputs).hidden[mask], targets[mask]  # [P, d], [P]
+        else:
+            states, labels = [], []
+            for rows, width in length_groups(inputs, groups):
+                part = targets[rows, n - width:]  # [b, width]
+                states.append(forward(inputs[rows, n - width:]).hidden[part > 0])
+                labels.append(part[part > 0])
+            hidden, target = torch.cat(states), torch.cat(labels)  # [P, d], [P]
+        loss = compute_loss(tc.loss, model, hidden, target, gen, tc.negatives, tc.gbce_t).float()
     return loss, mask
 
 
