@@ -50,6 +50,9 @@ from retr.data.splits import leave_one_out
 from retr.models import build_model
 from retr.training.losses import compute_loss
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grid import code_version  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 PEERS = {  # pip installs per peer, in order: torch first, so pip keeps the local CPU build
     "rectools": [["torch==2.13.0"], ["rectools[torch]==0.19.0"]],
@@ -89,6 +92,7 @@ def prepare(work: Path, max_len: int, seed: int = 0) -> dict[str, int]:
              negatives=ext_items[neg])
     rng = np.random.default_rng(seed)
     np.save(work / "latency_users.npy", rng.choice(ext_users[train.users], 105, replace=False))
+    np.save(work / "windows.npy", np.minimum(train.lengths - 1, max_len))  # real inputs per user
     tokens = int(np.minimum(train.lengths, max_len).sum())
     return {"users": int(len(train.users)), "items": dataset.n_items,
             "training_interactions": int(train.lengths.sum()), "tokens_per_epoch": tokens}
@@ -141,22 +145,30 @@ def matmul_gflops(threads: int, dtype: torch.dtype, n: int = 2048, reps: int = 1
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def train_step_gflop(model_name: str, loss: str, n_items: int, batch: int, max_len: int,
-                     hidden: int, density: float) -> float:
-    """FLOPs of one training step (forward, loss, backward) on a batch of full windows."""
+def epoch_gflop(model_name: str, loss: str, n_items: int, max_len: int, hidden: int,
+                windows: np.ndarray) -> float:
+    """FLOPs of one training epoch (forward, loss, backward) that the real tokens need.
+
+    Each history counts at its own window length (``windows``: real input tokens per user),
+    with a target at every position: work on padding is not counted, whether an
+    implementation does it or not, so the FLOP/s compare like with like.
+    """
     cfg: dict[str, Any] = {"hidden_size": hidden, "num_heads": 2, "num_layers": 2,
                            "max_len": max_len}
     if model_name == "retr":
         cfg["ffn_size"] = hidden
     model = build_model(model_name, n_items, cfg)
-    seqs = torch.randint(1, n_items + 1, (batch, max_len))
-    targets = torch.randint(1, n_items + 1, (batch, max_len))
-    keep = int(batch * max_len * density)  # the real (non-padding) share of target positions
     gen = torch.Generator().manual_seed(0)
-    with FlopCounterMode(display=False) as counter:
-        hidden_states = model(seqs).hidden.reshape(-1, hidden)[:keep]
-        compute_loss(loss, model, hidden_states, targets.reshape(-1)[:keep], gen, 1).backward()
-    return counter.get_total_flops() / 1e9
+    lengths, counts = np.unique(windows[windows > 0], return_counts=True)
+    total = 0.0
+    for length, count in zip(lengths.tolist(), counts.tolist(), strict=True):
+        seqs = torch.randint(1, n_items + 1, (1, length))
+        with FlopCounterMode(display=False) as counter:
+            states = model(seqs).hidden.reshape(-1, model.item_representation(
+                torch.tensor([1])).shape[-1])
+            compute_loss(loss, model, states, seqs.reshape(-1), gen, 1).backward()
+        total += counter.get_total_flops() * count
+    return total / 1e9
 
 
 def main() -> None:
@@ -174,11 +186,13 @@ def main() -> None:
     args = p.parse_args()
     max_len, hidden, batch = args.max_len, 64, 128
     stats = prepare(args.work, max_len)
+    windows = np.load(args.work / "windows.npy")
     print(f"[speed] data: {stats}", flush=True)
     peers = {name: peer_python(name, args.venv_dir) for name in filter(None, args.peers.split(","))}
     only = {int(x) for x in args.only.split(",") if x}
     command = "python benchmarks/bench_speed.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:])
+    code = code_version()
     fp32 = matmul_gflops(args.threads, torch.float32)
     bf16 = matmul_gflops(args.threads, torch.bfloat16)
     rows = []
@@ -197,7 +211,7 @@ def main() -> None:
                else float(np.median([e["seconds"] for e in res["epochs"]])))
         loss_name = "BPR, 1 negative" if impl == "recbole" and loss == "bce" else LOSS_NAMES[loss]
         row = {"implementation": label, "loss": loss_name, "max_len": max_len,
-               "budget_minutes": args.minutes, "command": command,
+               "budget_minutes": args.minutes, "command": command, "code": code,
                "seconds_per_epoch": round(sec, 1),
                "sequences_per_second": round(stats["users"] / sec),
                # RecBole's samples are its training positions (one per prefix, none truncated)
@@ -214,10 +228,7 @@ def main() -> None:
                "latency_ms": f"{res['latency']['p50_ms']} / {res['latency']['p99_ms']}",
                "peak_rss_mb": round(rss), "raw": res}
         if impl == "retr":
-            density = stats["tokens_per_epoch"] / (stats["users"] * max_len)
-            gflop = train_step_gflop(model, loss, stats["items"], batch, max_len, hidden,
-                                     density)
-            achieved = gflop * (stats["users"] / batch) / sec
+            achieved = epoch_gflop(model, loss, stats["items"], max_len, hidden, windows) / sec
             row["model_gflops_per_second"] = round(achieved, 1)
             row["fp32_matmul_utilisation_percent"] = round(100 * achieved / fp32, 1)
         rows.append(row)
@@ -228,7 +239,8 @@ def main() -> None:
     note = (f"ml-1m, d={hidden}, 2 layers, 2 heads, batch {batch}, sequence length N and "
             "training budget per row (stopped early once validation sampled NDCG@10 reaches "
             f"{args.target}); {stats['users']} users. s/epoch is the median epoch; validation "
-            "time excluded.")
+            "time excluded. Model FLOP/s count the FLOPs the real tokens need (each history at "
+            "its own length, no padding work) per second of training.")
     for row in rows:
         row["machine"] = machine
     write_rows(args.out, rows, {"note": note, "data": stats})

@@ -209,7 +209,10 @@ def speed_section(path: Path) -> list[str]:
             "sequences_per_second", "tokens_per_second", "epochs_in_budget", "time_to_target",
             "full_ranking_users_per_second", "latency_ms", "peak_rss_mb"))
             + f" | {util} | {commands.index(r['command']) + 1} |")
-    lines += ["", "Commands:", ""] + [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
+    lines += ["", "Commands:", ""]
+    for i, c in enumerate(commands, 1):
+        codes = sorted({r["code"] for r in data["rows"] if r["command"] == c and "code" in r})
+        lines.append(f"{i}. `{c}`" + (f" (code {', '.join(codes)})" if codes else ""))
     machines = sorted({r["machine"] for r in data["rows"] if "machine" in r})
     if machines:
         lines += ["", "Machine: " + "; ".join(machines)]
@@ -218,7 +221,9 @@ def speed_section(path: Path) -> list[str]:
                   "speed_curves.png)"]
     lines += ["", "Tokens are the real (non-padding) training positions. retr and RecTools "
               "train each user's last N items per epoch, every position at once (as SASRec "
-              "does); RecBole trains on every prefix of every sequence, one target per sample "
+              "does); retr runs each batch in its default `train.length_groups = 4` groups of "
+              "similar length, each cut to its longest history (the same loss, less work on "
+              "padding), and computes its full-softmax loss and gradient in one buffer. RecBole trains on every prefix of every sequence, one target per sample "
               "(about a million samples per ml-1m epoch), so its budget ends inside its first "
               "epoch: its epochs in budget is the share of one epoch done, its s/epoch the time "
               "a whole epoch would take at that pace, and its tokens/s its samples/s. RecBole's "

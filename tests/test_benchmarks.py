@@ -250,3 +250,14 @@ def test_speed_rows_merge_and_render(tmp_path: Path) -> None:
     assert "the note" in text and "1. `cmd-a`" in text and "2. `cmd-b`" in text
     assert "| RecBole 1.2.1 SASRec | CE | 50 | 15 | 1.0 |" in text
     assert text.count("| 2 |") == 2  # both RecBole rows point at the second command
+
+
+def test_epoch_flops_count_each_history_at_its_own_length() -> None:
+    import bench_speed
+    import numpy as np
+
+    one = bench_speed.epoch_gflop("sasrec", "ce", 50, 20, 16, np.array([7]))
+    assert one > 0
+    assert bench_speed.epoch_gflop("sasrec", "ce", 50, 20, 16, np.array([7, 0, 7])) == \
+        pytest.approx(2 * one)  # an empty history costs nothing, two equal ones twice one
+    assert bench_speed.epoch_gflop("sasrec", "ce", 50, 20, 16, np.array([14])) > 2 * one

@@ -83,7 +83,7 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
 
 def _autocast_on(device_type: str) -> bool:
     try:
-        return bool(torch.is_autocast_enabled(device_type))  # type: ignore[call-arg]
+        return bool(torch.is_autocast_enabled(device_type))
     except TypeError:  # torch < 2.4: one query per device type
         if device_type == "cpu":
             return bool(torch.is_autocast_cpu_enabled())
