@@ -387,7 +387,7 @@ def main() -> None:
                  "epoch_seconds_estimate": round(trained / done, 1) if done else None}
     print(json.dumps({**extra, "setup_seconds": round(setup_s, 1), "epochs": epochs,
                       "train_seconds": round(trained, 1), "time_to_target_seconds": reached,
-                      "full_ranking_seconds": round(full_s, 2), "users": int(len(users)),
+                      "full_ranking_seconds": round(full_s, 3), "users": int(len(users)),
                       "latency": _percentiles(lat[5:])}))
 
 

@@ -261,3 +261,30 @@ def test_epoch_flops_count_each_history_at_its_own_length() -> None:
     assert bench_speed.epoch_gflop("sasrec", "ce", 50, 20, 16, np.array([7, 0, 7])) == \
         pytest.approx(2 * one)  # an empty history costs nothing, two equal ones twice one
     assert bench_speed.epoch_gflop("sasrec", "ce", 50, 20, 16, np.array([14])) > 2 * one
+
+
+def test_speed_goals_compare_like_with_like() -> None:
+    def row(impl: str, loss: str, sec: float, users: int, rss: int, target: str,
+            util: float | None = None) -> dict:
+        r = {"implementation": impl, "loss": loss, "max_len": 200, "seconds_per_epoch": sec,
+             "full_ranking_users_per_second": users, "peak_rss_mb": rss, "time_to_target": target}
+        return r if util is None else {**r, "fp32_matmul_utilisation_percent": util}
+
+    rows = [row("retr SASRec", "full softmax CE", 20.0, 3300, 1500, "190.0 s", 26.0),
+            row("retr RETR", "full softmax CE", 25.0, 1600, 2000, "170.0 s", 31.0),
+            row("RecTools 0.19 SASRec", "full softmax CE", 70.0, 1100, 2400, "not in 200 s"),
+            row("RecTools 0.19 SASRec", "BCE, 1 negative", 23.0, 1000, 1600, "not in 180 s")]
+    lines = make_results.speed_goals(rows)
+    verdict = {ln.split(" | ")[0].strip("| "): ln.rsplit("|", 2)[1].strip() for ln in lines
+               if ln.startswith("| ") and not ln.startswith("| goal")}
+    assert verdict == {
+        "validation sampled NDCG@10 0.55 in under 3 minutes of training": "yes",  # RETR, 170 s
+        "full-softmax CE epoch at least 3x faster than RecTools'": "yes",  # 70 / 20 = 3.5x
+        "full ranking of all users at least 3x faster than RecTools (SASRec)": "yes",  # 3300/1100
+        "peak memory below every peer (same loss)": "yes",
+        "at least 30 % of the measured fp32 matmul FLOP/s in training": "yes"}
+    assert "3300 vs 1100 users/s: 3.0x (retr RETR full softmax CE: 1.5x)" in "\n".join(lines)
+    rows[1]["peak_rss_mb"] = 2500  # above RecTools' CE row
+    assert "| peak memory below every peer (same loss) |" in "\n".join(
+        ln for ln in make_results.speed_goals(rows) if ln.endswith("| no |"))
+    assert make_results.speed_goals(rows, max_len=50) == []

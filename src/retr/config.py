@@ -79,7 +79,7 @@ class TrainConfig:
     about 2.5x faster output-layer matmuls on CPUs with bf16 units; weights, optimizer state
     and evaluation stay fp32).
     length_groups: each batch is sorted by history length and cut into this many groups, each
-    run with its left padding trimmed to its longest history (1 = one batch padded to N). The
+    run with its left padding trimmed to its longest history (1 = the whole batch, trimmed). The
     same users, the same positions and the same loss: padding never changes a real position
     and positions are right-aligned, so only the work on padding goes (about a third of the
     token work and half the attention on ml-1m at N=200). Single-process training only.

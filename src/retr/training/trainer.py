@@ -166,15 +166,15 @@ def batch_loss(tc: TrainConfig, model: SequentialRecommender, forward: Any, inpu
     the loss comes back in fp32 either way.
     """
     mask = targets > 0  # [B, N]
-    groups = tc.length_groups if forward is model else 1
     n = inputs.shape[1]
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16,
                         enabled=tc.precision == "bf16"):
-        if groups == 1:
+        parts = length_groups(inputs, tc.length_groups) if forward is model else []
+        if not parts:  # DDP, or a batch without a real token
             hidden, target = forward(inputs).hidden[mask], targets[mask]  # [P, d], [P]
         else:
             states, labels = [], []
-            for rows, width in length_groups(inputs, groups):
+            for rows, width in parts:
                 part = targets[rows, n - width:]  # [b, width]
                 states.append(forward(inputs[rows, n - width:]).hidden[part > 0])
                 labels.append(part[part > 0])
