@@ -249,7 +249,8 @@ class RetrSide:
             "seed": args.seed, "model": {"name": args.model, **model_cfg},
             "train": {"loss": args.loss, "batch_size": args.batch_size, "lr": 1e-3,
                       "negatives": 1, "threads": args.threads, "progress": False,
-                      "precision": args.precision}}, "bench")
+                      "precision": args.precision, "length_groups": args.length_groups}},
+            "bench")
         from retr.models import build_model
         torch.manual_seed(args.seed)
         self.model = build_model(args.model, self.dataset.n_items, model_cfg)
@@ -263,7 +264,7 @@ class RetrSide:
     def train_epoch(self) -> None:
         import torch
 
-        from retr.training.trainer import batch_loss, training_batch
+        from retr.training.trainer import batch_loss, release_free_memory, training_batch
 
         self.epoch += 1
         self.model.train()
@@ -278,6 +279,7 @@ class RetrSide:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+        release_free_memory()  # as `retr train` does after each epoch
 
     def _ids(self, users: np.ndarray) -> np.ndarray:
         return np.array([self.user_index[str(u)] for u in users])
@@ -334,6 +336,7 @@ def main() -> None:
     p.add_argument("--model", default="sasrec")
     p.add_argument("--loss", choices=["bce", "ce"], default="bce")
     p.add_argument("--precision", default="fp32")
+    p.add_argument("--length-groups", type=int, default=4, help="retr: train.length_groups")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--minutes", type=float, default=4.0, help="training budget")
     p.add_argument("--max-epochs", type=int, default=200)

@@ -115,3 +115,28 @@ def test_stable_top_matches_a_stable_sort(seed: int) -> None:
     for k in (1, 7, 30, 40):
         want = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
         assert torch.equal(_stable_top(scores, k), want)
+
+
+@pytest.mark.parametrize("key", ["sasrec", "sasrec_pathway", "retr", "bert4rec", "gru4rec"])
+def test_user_states_in_length_groups_equal_one_padded_batch(key: str) -> None:
+    """Histories shorter than, equal to and longer than the window (max_len 16) all get the
+    state of one batch padded to max_len, BERT4Rec's full windows included."""
+    from retr.evaluation.ranking import user_states
+    from retr.models import build_model
+    from tests.test_models import TINY
+
+    name, fields = TINY[key]
+    ds = _random_dataset(n_users=40, n_items=28, seed=3)
+    torch.manual_seed(0)
+    model = build_model(name, ds.n_items, {**fields, "max_len": 8}).eval()
+    users = np.arange(ds.n_users)
+    lengths = ds.lengths[users]
+    assert (lengths < 8).any() and (lengths == 8).any() and (lengths > 8).any()
+    one = user_states(model, ds, users, lengths, groups=1)
+    with torch.no_grad():
+        padded = model.user_representation(
+            torch.from_numpy(ds.padded_prefixes(users, lengths, model.max_len)))
+    torch.testing.assert_close(one, padded, rtol=0, atol=1e-5)
+    for groups in (3, 40):
+        torch.testing.assert_close(user_states(model, ds, users, lengths, groups=groups),
+                                   padded, rtol=0, atol=1e-5)

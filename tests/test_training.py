@@ -182,7 +182,8 @@ def test_min_epochs_must_not_be_negative():
 @pytest.mark.parametrize("key", ["sasrec", "sasrec_pathway", "retr", "bert4rec", "gru4rec"])
 def test_length_groups_give_the_loss_and_gradients_of_one_padded_batch(key):
     from retr.config import TrainConfig
-    from retr.training.trainer import batch_loss, length_groups
+    from retr.models.base import length_groups
+    from retr.training.trainer import batch_loss
     from tests.test_models import N_ITEMS, tiny
 
     model = tiny(key).eval()  # no dropout: both ways must agree to rounding

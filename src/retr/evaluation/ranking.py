@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from retr.data.dataset import SequenceDataset
 from retr.data.splits import EvalExamples
 from retr.errors import RetrError
-from retr.models.base import SequentialRecommender
+from retr.models.base import SequentialRecommender, length_groups
 
 
 @dataclass
@@ -53,11 +53,27 @@ def _check_finite(scores: torch.Tensor) -> None:
 
 @torch.no_grad()
 def user_states(model: SequentialRecommender, dataset: SequenceDataset, users: np.ndarray,
-                lengths: np.ndarray) -> torch.Tensor:
-    """[B, d] next-item states for each (user, prefix length), using the last max_len items."""
+                lengths: np.ndarray, groups: int = 4) -> torch.Tensor:
+    """[B, d] next-item states for each (user, prefix length), using the last max_len items.
+
+    The users run in ``groups`` groups of similar length, each cut to its longest history plus
+    one column (BERT4Rec appends its [mask] there): the same states as one padded batch.
+    """
     device = next(iter(model.buffers()), next(iter(model.parameters()), torch.empty(0))).device
     seqs = torch.from_numpy(dataset.padded_prefixes(users, lengths, model.max_len)).to(device)
-    return model.user_representation(seqs)
+    n = seqs.shape[1]
+    parts = length_groups(seqs, groups)
+    if len(parts) <= 1:
+        width = min(parts[0][1] + 1, n) if parts else n
+        return model.user_representation(seqs[:, n - width:])
+    out: torch.Tensor | None = None
+    for rows, width in parts:
+        h = model.user_representation(seqs[rows, n - min(width + 1, n):])  # [b, d]
+        if out is None:
+            out = h.new_empty(len(seqs), h.shape[-1])
+        out[rows] = h
+    assert out is not None
+    return out
 
 
 @torch.no_grad()

@@ -66,3 +66,21 @@ class SequentialRecommender(nn.Module, ABC):
     def score_candidates(self, h: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Scores [B, C] of per-row candidates ``candidates`` [B, C] for ``h`` [B, d]."""
         return (self.item_representation(candidates) * h.unsqueeze(1)).sum(-1)
+
+
+def length_groups(inputs: torch.Tensor, groups: int) -> list[tuple[torch.Tensor, int]]:
+    """(rows, width) per group of a left-padded batch ``inputs`` [B, N]: the rows sorted by
+    history length, cut into ``groups`` equal parts, each with the width of its longest history.
+
+    Padding never changes a real position and positions are right-aligned, so running each
+    group on its last ``width`` columns gives every real position the state it has in the
+    full batch, for less work (training and evaluation both batch this way).
+    """
+    lengths = (inputs > 0).sum(dim=1)  # [B] real tokens per row (left-padded)
+    order = torch.argsort(lengths, stable=True)  # [B] shortest first
+    out = []
+    for rows in torch.tensor_split(order, min(groups, len(order))):
+        width = int(lengths[rows].max()) if len(rows) else 0
+        if width:
+            out.append((rows, width))
+    return out
