@@ -243,3 +243,24 @@ def test_fused_cross_entropy_matches_the_library_one(key):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_cross_entropy_under_bf16_autocast_matches_the_library_one():
+    import torch.nn.functional as F
+
+    from retr.training.losses import ce_loss
+    from tests.test_models import N_ITEMS, tiny
+
+    model = tiny("sasrec")
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(40, 16, generator=g, requires_grad=True)
+    targets = torch.randint(1, N_ITEMS + 1, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ce_loss(model, h, targets, g)
+        ref = F.cross_entropy(model.score_items(h, torch.arange(1, N_ITEMS + 1)), targets - 1)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-2, atol=1e-2)
+    (gh,) = torch.autograd.grad(loss, [h])
+    (rh,) = torch.autograd.grad(ref, [h])
+    assert gh.dtype == h.dtype
+    torch.testing.assert_close(gh, rh.float(), rtol=5e-2, atol=5e-3)

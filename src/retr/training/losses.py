@@ -60,45 +60,58 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     """mean_p [logsumexp_k (h_p · w_k) - h_p · w_{t_p}], with the gradient written in one buffer.
 
     The same value and gradient as ``F.cross_entropy(h @ w.T, t)``, for less time and memory:
-    the [P, n_items] logits are the only large tensor, and backward turns them into
+    the fp32 [P, n_items] logits are the only large tensor, and backward turns them into
     softmax - onehot in place (no log-softmax copy, no zero-filled gradient, no second pass).
+    ``dtype`` is the matmul precision (bfloat16 under autocast, as autocast would choose).
     """
 
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = h @ w.T  # [P, I]
-        lse = torch.logsumexp(logits, dim=1)  # [P]
+    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        with torch.autocast(h.device.type, enabled=False):
+            logits = (h.to(dtype) @ w.to(dtype).T).float()  # [P, I]
+            lse = torch.logsumexp(logits, dim=1)  # [P]
+            loss = (lse - logits.gather(1, t[:, None]).squeeze(1)).mean()
         ctx.save_for_backward(h, w, t, logits, lse)
-        return (lse - logits.gather(1, t[:, None]).squeeze(1)).mean()
+        ctx.dtype = dtype
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         h, w, t, logits, lse = ctx.saved_tensors
         g = logits.sub_(lse[:, None]).exp_()  # [P, I] softmax, in the logits' buffer
         g[torch.arange(len(t), device=t.device), t] -= 1.0  # softmax - onehot
-        g.mul_(grad / len(t))
-        return g @ w, g.T @ h, None
+        g = g.mul_(grad / len(t)).to(ctx.dtype)
+        return ((g @ w.to(ctx.dtype)).to(h.dtype), (g.T @ h.to(ctx.dtype)).to(w.dtype),
+                None, None)
 
 
-def _autocast_on(device_type: str) -> bool:
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force on ``device_type``, or None outside autocast."""
     try:
-        return bool(torch.is_autocast_enabled(device_type))
+        on = bool(torch.is_autocast_enabled(device_type))
     except TypeError:  # torch < 2.4: one query per device type
-        if device_type == "cpu":
-            return bool(torch.is_autocast_cpu_enabled())
-        return bool(torch.is_autocast_enabled())
+        on = bool(torch.is_autocast_cpu_enabled() if device_type == "cpu"
+                  else torch.is_autocast_enabled())
+    if not on:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type)
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype()
+    return torch.get_autocast_gpu_dtype()
 
 
 def ce_loss(model: SequentialRecommender, h: torch.Tensor, targets: torch.Tensor,
             gen: torch.Generator, negatives: int = 1) -> torch.Tensor:
     """Full softmax cross-entropy over every item (padding excluded)."""
     items = torch.arange(1, model.n_items + 1, device=h.device)
-    if _autocast_on(h.device.type) or not len(targets):
-        logits = model.score_items(h, items)  # [P, n_items]
-        return F.cross_entropy(logits, targets - 1)
+    if not len(targets):
+        return F.cross_entropy(model.score_items(h, items), targets - 1)  # nan: nothing to learn
+    dtype = _autocast_dtype(h.device.type) or torch.float32
     return cast(torch.Tensor, _SoftmaxCrossEntropy.apply(h, model.item_representation(items),
-                                                         targets - 1))
+                                                         targets - 1, dtype))
 
 
 def sampled_softmax_loss(model: SequentialRecommender, h: torch.Tensor, targets: torch.Tensor,
