@@ -52,15 +52,13 @@ def _check_finite(scores: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def user_states(model: SequentialRecommender, dataset: SequenceDataset, users: np.ndarray,
-                lengths: np.ndarray, groups: int = 4) -> torch.Tensor:
-    """[B, d] next-item states for each (user, prefix length), using the last max_len items.
+def states_of(model: SequentialRecommender, seqs: torch.Tensor, groups: int = 4) -> torch.Tensor:
+    """[B, d] next-item states of left-padded windows ``seqs`` [B, max_len].
 
-    The users run in ``groups`` groups of similar length, each cut to its longest history plus
-    one column (BERT4Rec appends its [mask] there): the same states as one padded batch.
+    The rows run in ``groups`` groups of similar length, each cut to its longest history plus
+    one column (BERT4Rec appends its [mask] there): the same states as one padded batch, for
+    less work when histories are shorter than the window.
     """
-    device = next(iter(model.buffers()), next(iter(model.parameters()), torch.empty(0))).device
-    seqs = torch.from_numpy(dataset.padded_prefixes(users, lengths, model.max_len)).to(device)
     n = seqs.shape[1]
     parts = length_groups(seqs, groups)
     if len(parts) <= 1:
@@ -74,6 +72,14 @@ def user_states(model: SequentialRecommender, dataset: SequenceDataset, users: n
         out[rows] = h
     assert out is not None
     return out
+
+
+def user_states(model: SequentialRecommender, dataset: SequenceDataset, users: np.ndarray,
+                lengths: np.ndarray, groups: int = 4) -> torch.Tensor:
+    """[B, d] next-item states for each (user, prefix length), using the last max_len items."""
+    device = next(iter(model.buffers()), next(iter(model.parameters()), torch.empty(0))).device
+    seqs = torch.from_numpy(dataset.padded_prefixes(users, lengths, model.max_len)).to(device)
+    return states_of(model, seqs, groups)
 
 
 @torch.no_grad()

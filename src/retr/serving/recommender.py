@@ -22,7 +22,7 @@ import torch
 from retr.config import RunConfig
 from retr.data.dataset import Vocabulary
 from retr.errors import RetrError, RunDirError
-from retr.evaluation.ranking import topk_items
+from retr.evaluation.ranking import states_of, topk_items
 from retr.models.base import SequentialRecommender
 from retr.models.pop import Pop
 from retr.text.transfer import build_run_model
@@ -259,7 +259,7 @@ class Recommender:
     @torch.no_grad()
     def user_states(self, encoded: Sequence[EncodedHistory]) -> torch.Tensor:
         """[B, d] next-item states, exactly as evaluation computes them."""
-        return self.model.user_representation(self.padded(encoded))
+        return states_of(self.model, self.padded(encoded))
 
     def _candidates(self, candidates: object, unknown: str | None) -> tuple[torch.Tensor | None, list[str]]:
         if candidates is None:
@@ -327,7 +327,7 @@ class Recommender:
     @torch.no_grad()
     def _rank(self, model: SequentialRecommender, encoded: list[EncodedHistory], k: int,
               exclude_seen: bool, pool: torch.Tensor | None) -> list[tuple[np.ndarray, np.ndarray]]:
-        h = model.user_representation(self.padded(encoded))  # [B, d]
+        h = states_of(model, self.padded(encoded))  # [B, d]
         ex_rows = ex_items = None
         if exclude_seen:
             lengths = np.array([len(e.ids) for e in encoded], dtype=np.int64)
