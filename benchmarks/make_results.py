@@ -189,11 +189,6 @@ def delta_table(groups: dict[str, list[dict[str, Any]]], pairs: list[tuple[str, 
     return lines
 
 
-def _seconds_to_target(row: dict[str, Any]) -> float | None:
-    text = str(row.get("time_to_target", ""))
-    return float(text.split()[0]) if text.endswith(" s") and not text.startswith("not") else None
-
-
 def speed_goals(rows: list[dict[str, Any]], max_len: int = 200) -> list[str]:
     """The speed goals of the benchmark brief, each with the rows that decide it (N=max_len)."""
     needed = ("seconds_per_epoch", "full_ranking_users_per_second", "peak_rss_mb")
@@ -210,7 +205,7 @@ def speed_goals(rows: list[dict[str, Any]], max_len: int = 200) -> list[str]:
     def add(goal: str, measured: str, met: bool) -> None:
         lines.append(f"| {goal} | {measured} | {'yes' if met else 'no'} |")
 
-    reached = [(t, r) for r in ours if (t := _seconds_to_target(r)) is not None]
+    reached = [(t, r) for r in ours if (t := r["raw"].get("time_to_target_seconds")) is not None]
     if reached:
         t, r = min(reached, key=lambda x: x[0])
         add("validation sampled NDCG@10 0.55 in under 3 minutes of training",

@@ -130,13 +130,14 @@ def test_user_states_in_length_groups_equal_one_padded_batch(key: str) -> None:
     torch.manual_seed(0)
     model = build_model(name, ds.n_items, {**fields, "max_len": 8}).eval()
     users = np.arange(ds.n_users)
-    lengths = ds.lengths[users]
+    lengths = ds.lengths[users].copy()
+    lengths[[0, 5]] = 0  # empty histories (serving's cold users) sit among the others
     assert (lengths < 8).any() and (lengths == 8).any() and (lengths > 8).any()
     one = user_states(model, ds, users, lengths, groups=1)
     with torch.no_grad():
         padded = model.user_representation(
             torch.from_numpy(ds.padded_prefixes(users, lengths, model.max_len)))
     torch.testing.assert_close(one, padded, rtol=0, atol=1e-5)
-    for groups in (3, 40):
+    for groups in (3, 20, 40):  # 20: the first group holds only the two empty histories
         torch.testing.assert_close(user_states(model, ds, users, lengths, groups=groups),
                                    padded, rtol=0, atol=1e-5)

@@ -61,17 +61,10 @@ def states_of(model: SequentialRecommender, seqs: torch.Tensor, groups: int = 4)
     """
     n = seqs.shape[1]
     parts = length_groups(seqs, groups)
-    if len(parts) <= 1:
-        width = min(parts[0][1] + 1, n) if parts else n
-        return model.user_representation(seqs[:, n - width:])
-    out: torch.Tensor | None = None
-    for rows, width in parts:
-        h = model.user_representation(seqs[rows, n - min(width + 1, n):])  # [b, d]
-        if out is None:
-            out = h.new_empty(len(seqs), h.shape[-1])
-        out[rows] = h
-    assert out is not None
-    return out
+    states = [model.user_representation(seqs[rows, n - min(width + 1, n):])
+              for rows, width in parts]  # [b, d] per group
+    order = torch.cat([rows for rows, _ in parts])  # [B] the batch rows, group by group
+    return torch.cat(states)[torch.argsort(order)]  # [B, d] back in the batch's order
 
 
 def user_states(model: SequentialRecommender, dataset: SequenceDataset, users: np.ndarray,

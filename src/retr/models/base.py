@@ -70,7 +70,8 @@ class SequentialRecommender(nn.Module, ABC):
 
 def length_groups(inputs: torch.Tensor, groups: int) -> list[tuple[torch.Tensor, int]]:
     """(rows, width) per group of a left-padded batch ``inputs`` [B, N]: the rows sorted by
-    history length, cut into ``groups`` equal parts, each with the width of its longest history.
+    history length, cut into ``groups`` equal parts, each with the width of its longest history
+    (every row is in one group; a group of empty histories has width 0).
 
     Padding never changes a real position and positions are right-aligned, so running each
     group on its last ``width`` columns gives every real position the state it has in the
@@ -78,9 +79,5 @@ def length_groups(inputs: torch.Tensor, groups: int) -> list[tuple[torch.Tensor,
     """
     lengths = (inputs > 0).sum(dim=1)  # [B] real tokens per row (left-padded)
     order = torch.argsort(lengths, stable=True)  # [B] shortest first
-    out = []
-    for rows in torch.tensor_split(order, min(groups, len(order))):
-        width = int(lengths[rows].max()) if len(rows) else 0
-        if width:
-            out.append((rows, width))
-    return out
+    return [(rows, int(lengths[rows].max()))  # width 0: a group of empty histories
+            for rows in torch.tensor_split(order, min(groups, len(order))) if len(rows)]

@@ -158,7 +158,8 @@ def batch_loss(tc: TrainConfig, model: SequentialRecommender, forward: Any, inpu
     n = inputs.shape[1]
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16,
                         enabled=tc.precision == "bf16"):
-        parts = length_groups(inputs, tc.length_groups) if forward is model else []
+        parts = [(rows, width) for rows, width in length_groups(inputs, tc.length_groups)
+                 if width] if forward is model else []
         if not parts:  # DDP, or a batch without a real token
             hidden, target = forward(inputs).hidden[mask], targets[mask]  # [P, d], [P]
         else:
