@@ -13,7 +13,12 @@ from retr.errors import ConfigError
 from retr.models import MODELS, build_model, config_class, model_names
 from retr.models.base import SequentialRecommender
 from retr.models.bert4rec import BERT4Rec, cloze_batch
-from retr.models.layers import MultiHeadAttention, count_parameters
+from retr.models.layers import (
+    MultiHeadAttention,
+    attention_mask,
+    count_parameters,
+    dropout_attention,
+)
 from retr.models.pathway import (
     PathwayAttention,
     PathwayRouter,
@@ -467,3 +472,39 @@ def test_last_only_refuses_pathway_attention() -> None:
     x = torch.randn(2, 5, D)
     with pytest.raises(ValueError, match="last_only needs self-attention"):
         block(x, torch.ones(2, 5, dtype=torch.bool), last_only=True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dropout_attention_is_softmax_attention_with_the_drawn_mask(causal: bool) -> None:
+    """The CPU training path: its output and gradients are those of the textbook formula with
+    the keep mask it draws (one uniform per weight, kept iff >= p), padding rows included."""
+    b, h, n, dh, p = 3, 2, 7, 4, 0.3
+    real = torch.ones(b, n, dtype=torch.bool)
+    real[0, :3] = False
+    real[2, :] = False
+    allowed = attention_mask(real, causal)  # [B, 1, N, N]
+    q, k, v = (torch.randn(b, h, n, dh, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(b, h, n, dh, dtype=torch.float64)
+
+    torch.manual_seed(7)
+    y = dropout_attention(q, k, v, allowed, p)
+    grads = torch.autograd.grad(y, (q, k, v), grad_out)
+
+    torch.manual_seed(7)
+    keep = torch.rand(b, h, n, n, dtype=torch.float64) >= p
+    scores = (q @ k.transpose(-2, -1)) / dh ** 0.5
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    ref = (probs * keep / (1 - p)) @ v
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    torch.testing.assert_close(y, ref)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    assert 0.5 < keep.double().mean().item() < 0.9  # a real draw, about 1 - p kept
+
+
+def test_dropout_attention_without_dropout_is_sdpa() -> None:
+    real = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    allowed = attention_mask(real, causal=True)
+    q, k, v = (torch.randn(2, 2, 4, 3) for _ in range(3))
+    torch.testing.assert_close(dropout_attention(q, k, v, allowed, 0.0),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))

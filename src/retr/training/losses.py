@@ -12,7 +12,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from retr.models.base import SequentialRecommender
+from retr.models.base import SequentialRecommender, autocast_dtype
 
 LOSSES = ("bpr", "bce", "ce", "sampled_softmax", "gbce")
 
@@ -87,29 +87,13 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
                 None, None)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype in force on ``device_type``, or None outside autocast."""
-    try:
-        on = bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # torch < 2.4: one query per device type
-        on = bool(torch.is_autocast_cpu_enabled() if device_type == "cpu"
-                  else torch.is_autocast_enabled())
-    if not on:
-        return None
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        return torch.get_autocast_dtype(device_type)
-    if device_type == "cpu":
-        return torch.get_autocast_cpu_dtype()
-    return torch.get_autocast_gpu_dtype()
-
-
 def ce_loss(model: SequentialRecommender, h: torch.Tensor, targets: torch.Tensor,
             gen: torch.Generator, negatives: int = 1) -> torch.Tensor:
     """Full softmax cross-entropy over every item (padding excluded)."""
     items = torch.arange(1, model.n_items + 1, device=h.device)
     if not len(targets):
         return F.cross_entropy(model.score_items(h, items), targets - 1)  # nan: nothing to learn
-    dtype = _autocast_dtype(h.device.type) or torch.float32
+    dtype = autocast_dtype(h.device.type) or torch.float32
     return cast(torch.Tensor, _SoftmaxCrossEntropy.apply(h, model.item_representation(items),
                                                          targets - 1, dtype))
 
