@@ -14,6 +14,7 @@ from retr.models import MODELS, build_model, config_class, model_names
 from retr.models.base import SequentialRecommender
 from retr.models.bert4rec import BERT4Rec, cloze_batch
 from retr.models.layers import (
+    Dropout,
     MultiHeadAttention,
     attention_mask,
     count_parameters,
@@ -508,3 +509,21 @@ def test_dropout_attention_without_dropout_is_sdpa() -> None:
     q, k, v = (torch.randn(2, 2, 4, 3) for _ in range(3))
     torch.testing.assert_close(dropout_attention(q, k, v, allowed, 0.0),
                                F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
+
+
+def test_dropout_keeps_each_value_with_probability_one_minus_p_and_rescales() -> None:
+    x = torch.randn(400, 500, requires_grad=True)
+    drop = Dropout(0.3)
+    torch.manual_seed(3)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.double().mean().item() - 0.7) < 0.005  # 200,000 draws: 0.7 ± 0.001
+    torch.testing.assert_close(y[kept], x[kept] / 0.7)
+    y.sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, kept / 0.7)  # the gradient passes the kept values only
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)  # seeded: the same mask again
+    assert drop.eval()(x) is x  # identity at inference
+    with pytest.raises(ValueError, match="dropout must be in"):
+        Dropout(1.0)

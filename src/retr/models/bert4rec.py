@@ -27,6 +27,7 @@ from torch import nn
 from retr.errors import ConfigError
 from retr.models.base import ModelOutput, SequentialRecommender
 from retr.models.layers import (
+    Dropout,
     ItemEmbedding,
     PositionalEmbedding,
     TransformerBlock,
@@ -124,7 +125,7 @@ class BERT4Rec(SequentialRecommender):
         self.mask_id = self.item_embedding.special_id(0)  # n_items + 1
         self.position = PositionalEmbedding(cfg.max_len, d)  # P
         self.embed_norm = nn.LayerNorm(d, eps=1e-12)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(d, cfg.num_heads, cfg.ffn_size, cfg.dropout, causal=False,
                              attention=cfg.attention, norm="post", activation="gelu",

@@ -21,7 +21,7 @@ from torch import nn
 
 from retr.errors import ConfigError
 from retr.models.base import ModelOutput, SequentialRecommender
-from retr.models.layers import ItemEmbedding, init_weights
+from retr.models.layers import Dropout, ItemEmbedding, init_weights
 
 
 @dataclass
@@ -57,7 +57,7 @@ class GRU4Rec(SequentialRecommender):
         self.n_items = n_items
         self.max_len = cfg.max_len
         self.item_embedding = ItemEmbedding(n_items, cfg.embedding_size, std=cfg.init_std)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.gru = nn.GRU(cfg.embedding_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
                           dropout=cfg.dropout if cfg.num_layers > 1 else 0.0)
         self.output = nn.Linear(cfg.hidden_size, cfg.embedding_size)  # W, b

@@ -27,6 +27,7 @@ from torch import nn
 from retr.errors import ConfigError
 from retr.models.base import ModelOutput, SequentialRecommender
 from retr.models.layers import (
+    Dropout,
     ItemEmbedding,
     PositionalEmbedding,
     TransformerBlock,
@@ -84,7 +85,7 @@ class RETR(SequentialRecommender):
         router = RouterOptions.from_config(cfg)
         self.item_embedding = ItemEmbedding(n_items, d, std=cfg.init_std)  # E
         self.position = PositionalEmbedding(cfg.max_len, d)  # P
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(d, cfg.num_heads, cfg.ffn_size, cfg.dropout, causal=True,
                              attention="pathway", norm="post", activation="relu",

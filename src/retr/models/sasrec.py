@@ -26,6 +26,7 @@ from torch import nn
 from retr.errors import ConfigError
 from retr.models.base import ModelOutput, SequentialRecommender
 from retr.models.layers import (
+    Dropout,
     ItemEmbedding,
     PositionalEmbedding,
     TransformerBlock,
@@ -83,7 +84,7 @@ class SASRec(SequentialRecommender):
         d = cfg.hidden_size
         self.item_embedding = ItemEmbedding(n_items, d, init="xavier")
         self.position = PositionalEmbedding(cfg.max_len, d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(d, cfg.num_heads, d, cfg.dropout, causal=True,
                              attention=cfg.attention, norm="pre", activation="relu",
