@@ -197,6 +197,12 @@ def test_length_groups_give_the_loss_and_gradients_of_one_padded_batch(key):
         inputs, targets = seqs[:, :-1], torch.where(seqs[:, :-1] > 0, seqs[:, 1:], 0)
     groups = length_groups(inputs, 3)
     assert [w for _, w in groups] == sorted(w for _, w in groups) and len(groups) == 3
+    real = (inputs > 0).sum(dim=1)
+    for rows, width in groups:  # a multiple of 8 or the whole window, never cutting a history
+        assert width % 8 == 0 or width == inputs.shape[1]
+        assert int(real[rows].max()) <= width < int(real[rows].max()) + 8
+    assert [w for _, w in length_groups(inputs, 3, multiple=1)] == [
+        int(real[rows].max()) for rows, _ in groups]
     assert sorted(torch.cat([r for r, _ in groups]).tolist()) == list(range(9))
     grads = []
     for k in (1, 3, 9):
