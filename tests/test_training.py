@@ -227,8 +227,9 @@ def test_length_groups_must_be_positive():
         TrainConfig(length_groups=0)
 
 
-@pytest.mark.parametrize("key", ["sasrec", "bert4rec"])
-def test_fused_cross_entropy_matches_the_library_one(key):
+@pytest.mark.parametrize(("key", "upstream"), [("sasrec", 1.0), ("bert4rec", 1.0),
+                                               ("sasrec", -2.5), ("sasrec", 0.0)])
+def test_fused_cross_entropy_matches_the_library_one(key, upstream):
     import torch.nn.functional as F
 
     from retr.training.losses import ce_loss
@@ -240,10 +241,10 @@ def test_fused_cross_entropy_matches_the_library_one(key):
                     requires_grad=True)
     targets = torch.randint(1, N_ITEMS + 1, (50,), generator=g)
     loss = ce_loss(model, h, targets, g)
-    grads = torch.autograd.grad(loss, [h, *model.parameters()], allow_unused=True)
+    grads = torch.autograd.grad(loss * upstream, [h, *model.parameters()], allow_unused=True)
     items = torch.arange(1, N_ITEMS + 1)
     ref = F.cross_entropy(model.score_items(h, items), targets - 1)
-    ref_grads = torch.autograd.grad(ref, [h, *model.parameters()], allow_unused=True)
+    ref_grads = torch.autograd.grad(ref * upstream, [h, *model.parameters()], allow_unused=True)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads, ref_grads, strict=True):
         assert (a is None) == (b is None)
