@@ -252,6 +252,24 @@ def test_fused_cross_entropy_matches_the_library_one(key, upstream):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_fused_cross_entropy_in_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 7 rows (the last one shorter) give the value and gradient of one block."""
+    import retr.training.losses as losses
+    from tests.test_models import N_ITEMS, tiny
+
+    model = tiny("sasrec")
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(1, N_ITEMS + 1, (50,), generator=g)
+    whole = losses.ce_loss(model, h, targets, g)
+    (gw,) = torch.autograd.grad(whole, [h])
+    monkeypatch.setattr(losses, "_rows_per_block", lambda x, elements=0: 7)
+    blocks = losses.ce_loss(model, h, targets, g)
+    (gb,) = torch.autograd.grad(blocks, [h])
+    torch.testing.assert_close(blocks, whole)
+    torch.testing.assert_close(gb, gw)
+
+
 def test_fused_cross_entropy_under_bf16_autocast_matches_the_library_one():
     import torch.nn.functional as F
 

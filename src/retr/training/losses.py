@@ -56,12 +56,20 @@ def gbce_loss(model: SequentialRecommender, h: torch.Tensor, targets: torch.Tens
     return -(beta * F.logsigmoid(pos_s) + F.logsigmoid(-neg_s).sum(1)).mean()
 
 
+def _rows_per_block(x: torch.Tensor, elements: int = 1 << 20) -> int:
+    """Rows of a [P, I] matrix in about ``elements`` values (4 MB in fp32): a block that stays
+    in the CPU cache between passes, where ``logsumexp`` over the whole matrix would also
+    allocate and stream [P, I] temporaries (on ml-1m, half its time and 180 MB per step)."""
+    return max(1, elements // max(x.shape[1], 1))
+
+
 class _SoftmaxCrossEntropy(torch.autograd.Function):
     """mean_p [logsumexp_k (h_p · w_k) - h_p · w_{t_p}], with the gradient written in one buffer.
 
     The same value and gradient as ``F.cross_entropy(h @ w.T, t)``, for less time and memory:
     the fp32 [P, n_items] logits are the only large tensor, and backward turns them into
-    softmax - onehot in place (no log-softmax copy, no zero-filled gradient, no second pass).
+    softmax - onehot in place (no log-softmax copy, no zero-filled gradient, no second pass);
+    the row-wise passes run over cache-sized row blocks.
     ``dtype`` is the matmul precision (bfloat16 under autocast, as autocast would choose).
     """
 
@@ -70,7 +78,8 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
                 dtype: torch.dtype) -> torch.Tensor:
         with torch.autocast(h.device.type, enabled=False):
             logits = (h.to(dtype) @ w.to(dtype).T).float()  # [P, I]
-            lse = torch.logsumexp(logits, dim=1)  # [P]
+            lse = torch.cat([torch.logsumexp(part, dim=1)  # [P], cache-sized row blocks
+                             for part in logits.split(_rows_per_block(logits))])
             loss = (lse - logits.gather(1, t[:, None]).squeeze(1)).mean()
         ctx.save_for_backward(h, w, t, logits, lse)
         ctx.dtype = dtype
@@ -83,8 +92,13 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         scale = grad / len(t)  # d loss / d logits = scale * (softmax - onehot)
         rows = torch.arange(len(t), device=t.device)
         if logits.device.type == "cpu" and float(scale) > 0:
-            # scale * exp(x - lse) = exp(x - (lse - log scale)): one pass less over [P, I]
-            g = logits.sub_((lse - scale.log())[:, None]).exp_()  # [P, I] in the logits' buffer
+            # scale * exp(x - lse) = exp(x - (lse - log scale)): one pass less over [P, I],
+            # and the exp reads each row block while the subtraction left it in the cache
+            shift = (lse - scale.log())[:, None]  # [P, 1]
+            block = _rows_per_block(logits)
+            for part, part_shift in zip(logits.split(block), shift.split(block), strict=True):
+                part.sub_(part_shift).exp_()
+            g = logits  # [P, I] scale * softmax, in the logits' buffer
             g[rows, t] -= scale
         else:  # (no host sync on a GPU)
             g = logits.sub_(lse[:, None]).exp_()  # [P, I] softmax, in the logits' buffer
