@@ -125,13 +125,23 @@ class PositionalEmbedding(nn.Module):
         return self.table.weight[self.max_len - n:]
 
 
-class Dropout(nn.Module):
-    """Inverted dropout, as ``nn.Dropout``, drawing its mask from one uniform per value on the CPU.
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout, as ``F.dropout``, drawing its mask from one uniform per value on the CPU.
 
     torch's CPU dropout samples its Bernoulli mask about three times slower than a uniform draw
     and a compare (u >= p keeps with probability exactly 1 - p); on a CPU that sampling was a
     tenth of a training step. Other devices keep torch's fused kernel.
     """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    keep = torch.rand(x.shape, dtype=torch.float32) >= p  # exact p in any x dtype
+    return (x * keep).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Module):
+    """``dropout`` as a module (the drop-in for ``nn.Dropout`` in every model)."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -140,12 +150,7 @@ class Dropout(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        keep = torch.rand(x.shape, dtype=torch.float32) >= self.p  # exact p in any x dtype
-        return (x * keep).mul_(1.0 / (1.0 - self.p))
+        return dropout(x, self.p, self.training)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -273,7 +278,7 @@ class MultiHeadAttention(nn.Module):
         if output_attentions:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(dh)  # [B, h, Nq, N]
             probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, h, Nq, N]
-            y = F.dropout(probs, p, self.training) @ v  # [B, h, Nq, d/h]
+            y = dropout(probs, p, self.training) @ v  # [B, h, Nq, d/h]
             weights = probs * q_real[:, None, :, None]  # padding queries have no distribution
         else:
             y = dropout_attention(q, k, v, allowed, p)
