@@ -44,15 +44,18 @@ fully trained models (hundreds of epochs, tuned); the tables above are 2-core bu
 INTROS = {
     "intra-domain": "Fast recipes (`configs/<model>-<dataset>-fast.toml`: d=64, h=2, L=2, N=200 "
                     "on ml-1m and 50 elsewhere, batch 256, Adam 1e-3), one thread per run, "
-                    "`benchmarks/grids/cpu.toml`. Budget = epochs run / epoch cap (early "
-                    "stopping on validation full NDCG@10, patience 5). Yelp keeps repeat "
+                    "`benchmarks/grids/cpu.toml`. Epochs run / epoch cap (early stopping on "
+                    "validation full NDCG@10, patience 5); where recorded, each seed's best "
+                    "validation epoch and how its training ended. Yelp keeps repeat "
                     "visits as candidates and samples 99 negatives (its published protocol).",
     "paper-recipe": "The paper's recipes (`configs/<model>-<dataset>.toml`: d=256, h=4, L=2, "
                     "N=200 on ml-1m and 100 elsewhere, batch 512, Adam 1e-3, up to 300 epochs, "
                     "early stopping on validation full NDCG@10 with patience 10) on a GPU, "
-                    "`benchmarks/grids/paper.toml`, several runs sharing the GPU at once. A "
-                    "`train.max_minutes` in a row's command is the wall-clock cap of a lent "
-                    "machine: such a row stopped there, not at convergence.",
+                    "`benchmarks/grids/paper.toml`, several runs sharing the GPU at once (LastFM "
+                    "and Pop on the CPU). A `train.max_minutes` in a row's command is the "
+                    "wall-clock cap of a lent machine; the epochs column says, per seed, the "
+                    "best validation epoch and whether training ended by patience or by that "
+                    "cap (then not at convergence).",
     "ablation": "RETR with CE, one switch per row (`benchmarks/grids/ablations.toml`), beside "
                 "the unablated `retr-ce-<dataset>` row of the intra-domain grid (same recipe, "
                 "budget and seeds).",
@@ -103,6 +106,17 @@ def _cap(record: dict[str, Any]) -> str:
     return f"{train.epochs}" + (f", ≤ {train.max_minutes:g} min" if train.max_minutes > 0 else "")
 
 
+def _stops(rs: list[dict[str, Any]]) -> str:
+    """How the seeds' training ended (grid records since ``stopped_by`` was recorded), e.g.
+    "; best 8, 8, 6; stopped: time cap 2, patience 1"."""
+    known = [r for r in rs if r.get("stopped_by")]
+    if not known:
+        return ""
+    reasons = Counter(r["stopped_by"] for r in known)
+    return ("; best " + ", ".join(str(r["best_epoch"]) for r in known) + "; stopped: "
+            + ", ".join(f"{k} {n}" for k, n in sorted(reasons.items())))
+
+
 def metric_values(rs: list[dict[str, Any]], protocol: str, metric: str) -> list[float]:
     out = []
     for r in rs:
@@ -114,7 +128,7 @@ def metric_values(rs: list[dict[str, Any]], protocol: str, metric: str) -> list[
 
 def table(groups: dict[str, list[dict[str, Any]]], protocol: str) -> list[str]:
     lines = ["| run | dataset | seeds | candidates | " + " | ".join(METRICS)
-             + " | budget (epochs) | train s/epoch (median) | command (first seed) |",
+             + " | epochs run / cap; how it stopped | train s/epoch (median) | command (first seed) |",
              "|---|---|---|---|" + "---|" * len(METRICS) + "---|---|---|"]
     for label, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["seed"])
@@ -129,7 +143,7 @@ def table(groups: dict[str, list[dict[str, Any]]], protocol: str) -> list[str]:
                    for r in rs if r["epochs"]]
         per_epoch = f"{statistics.median(trained):.1f}" if trained else "-"
         seeds = ",".join(str(r["seed"]) for r in rs)
-        budget = f"{epochs:.0f} / {_cap(rs[0])}" if epochs else "no training"
+        budget = f"{epochs:.0f} / {_cap(rs[0])}{_stops(rs)}" if epochs else "no training"
         lines.append(f"| {label} | {rs[0]['results']['dataset']} | {seeds} | {candidates} | "
                      + " | ".join(_fmt(metric_values(rs, protocol, m)) for m in METRICS)
                      + f" | {budget} | {per_epoch} | "

@@ -224,6 +224,41 @@ def test_results_budget_reads_the_recipe_and_notes(tmp_path: Path) -> None:
     assert "Seed 0 stopped early." in text and "Hardware: x86_64, 16 CPUs, NVIDIA H200." in text
 
 
+def _run_dir(tmp_path: Path, name: str, valid: list[float | None], elapsed: float,
+             **train: float) -> Path:
+    """A run directory as ``retr train`` leaves it: config.json and metrics.jsonl."""
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    tc = {"epochs": 300, "patience": 4, "min_epochs": 0, "max_minutes": 1.0,
+          "valid_metric": "NDCG@10", "valid_protocol": "full", **train}
+    (run_dir / "config.json").write_text(json.dumps({"train": tc}))
+    rows = [{"epoch": i + 1, "elapsed_seconds": elapsed * (i + 1) / len(valid),
+             **({"valid": {"protocol": "full", "NDCG@10": v}} if v is not None else {})}
+            for i, v in enumerate(valid)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def test_stop_reason_tells_a_capped_run_from_a_converged_one(tmp_path: Path) -> None:
+    # best at epoch 2 (the first of two equal values), then 4 epochs without a gain
+    patience = _run_dir(tmp_path, "p", [None, 0.3, None, 0.3, None, 0.2], elapsed=70.0)
+    assert grid.stop_reason(patience) == {"best_epoch": 2, "stopped_by": "patience"}
+    # still improving when the one-minute cap came
+    capped = _run_dir(tmp_path, "t", [0.1, 0.2, 0.3], elapsed=61.0)
+    assert grid.stop_reason(capped) == {"best_epoch": 3, "stopped_by": "time cap"}
+    done = _run_dir(tmp_path, "e", [0.1, 0.2, 0.1], elapsed=5.0, epochs=3)
+    assert grid.stop_reason(done) == {"best_epoch": 2, "stopped_by": "epoch cap"}
+    killed = _run_dir(tmp_path, "k", [0.1, 0.2], elapsed=5.0)
+    assert grid.stop_reason(killed) == {"best_epoch": 2, "stopped_by": "interrupted"}
+    early = _run_dir(tmp_path, "m", [0.3, 0.1, 0.1, 0.1, 0.1], elapsed=5.0, min_epochs=6)
+    assert grid.stop_reason(early)["stopped_by"] == "interrupted"  # min_epochs not reached
+    assert grid.stop_reason(tmp_path / "missing") == {}
+    recs = [{**_record("sasrec-ce-toy", s, 0.1, 0.5, epochs=6), **grid.stop_reason(d)}
+            for s, d in enumerate([patience, capped, capped])]
+    text = make_results.build(recs, tmp_path)
+    assert "; best 2, 3, 3; stopped: patience 1, time cap 2 |" in text
+
+
 def _speed_row(impl: str, loss: str, max_len: int, command: str) -> dict:
     return {"implementation": impl, "loss": loss, "max_len": max_len, "budget_minutes": 15,
             "command": command, "seconds_per_epoch": 1.0, "epochs_in_budget": "0.010",
