@@ -115,11 +115,12 @@ INTROS = {
 
 
 def _fmt(values: list[float]) -> str:
+    """Mean ± std over seeds; one seed has no spread to show (a "± 0" would claim one)."""
     if not values:
         return "-"
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.4f} ± {std:.4f}"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def _test(record: dict[str, Any], protocol: str) -> dict[str, Any] | None:

@@ -337,3 +337,9 @@ def test_published_rows_stand_beside_ours() -> None:
     # HR@10 is twice NDCG@10 in these records; means over the two seeds; RETR 10 % above 0.0531
     assert "| 0.1100 / 0.0550 (`sasrec-ce-beauty-paper`) |" in row and row.endswith("| +10.0 % |")
     assert "| ML-1M | full ranking | gSASRec | 0.3003 / 0.1726 | - | - | - |" in text
+
+
+def test_one_seed_shows_no_spread() -> None:
+    assert make_results._fmt([0.1234]) == "0.1234"  # not "± 0.0000"
+    assert make_results._fmt([0.1, 0.3]) == "0.2000 ± 0.1414"
+    assert make_results._fmt([]) == "-"
