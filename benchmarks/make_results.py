@@ -490,10 +490,13 @@ def main() -> None:
     p.add_argument("results", type=Path)
     p.add_argument("--out", type=Path, default=Path("RESULTS.md"))
     p.add_argument("--grid", type=Path, action="append",
-                   help="grid files whose missing runs are listed (default: cpu, ablations, paper)")
+                   help="grid files whose missing runs are listed (default: every "
+                        "benchmarks/grids/*.toml)")
     args = p.parse_args()
-    grids = args.grid or [Path("benchmarks/grids/cpu.toml"), Path("benchmarks/grids/ablations.toml"),
-                          Path("benchmarks/grids/paper.toml")]
+    grid_dir = Path(__file__).resolve().parent / "grids"
+    if grid_dir.is_relative_to(Path.cwd()):  # shown as typed: benchmarks/grids/cpu.toml
+        grid_dir = grid_dir.relative_to(Path.cwd())
+    grids = args.grid or sorted(grid_dir.glob("*.toml"))
     records = []
     for f in sorted(args.results.glob("*.json")):
         obj = json.loads(f.read_text())
