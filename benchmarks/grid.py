@@ -94,20 +94,17 @@ def median_epoch_seconds(epochs: list[dict[str, Any]]) -> float | None:
     return round(statistics.median(e["train_seconds"] for e in epochs), 2) if epochs else None
 
 
-def stop_reason(run_dir: Path) -> dict[str, Any]:
-    """How the run's training ended, read from its config.json and metrics.jsonl.
+def stop_reason(run_dir: Path, epochs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the run's training ended: its config.json against ``epochs`` (its metrics.jsonl).
 
     ``stopped_by`` is "patience", "time cap" (``train.max_minutes``), "epoch cap" or
     "interrupted"; ``best_epoch`` is the epoch of the best validation value. A row cut by a
     cap while still improving must never pass for a converged one. Empty without training.
     """
-    config, metrics = run_dir / "config.json", run_dir / "metrics.jsonl"
-    if not config.exists() or not metrics.exists():
+    config = run_dir / "config.json"
+    if not config.exists() or not epochs:
         return {}
     tc = json.loads(config.read_text())["train"]
-    epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    if not epochs:
-        return {}
     scored = [(e["valid"][tc["valid_metric"]], e["epoch"]) for e in epochs
               if e.get("valid", {}).get("protocol", tc["valid_protocol"]) == tc["valid_protocol"]
               and tc["valid_metric"] in e.get("valid", {})]
@@ -158,7 +155,7 @@ def run_and_record(out: Path, name: str, argv: list[str], run_dir: Path,
     record = {**extra, "command": shown, "hardware": hardware(argv), "code": code,
               "wall_seconds": round(wall, 1), "epochs": len(epochs),
               "train_seconds": round(sum(e["train_seconds"] for e in epochs), 1),
-              "median_epoch_seconds": median_epoch_seconds(epochs), **stop_reason(run_dir),
+              "median_epoch_seconds": median_epoch_seconds(epochs), **stop_reason(run_dir, epochs),
               "results": results}
     record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"[grid] {name} done in {wall:.0f}s", flush=True)

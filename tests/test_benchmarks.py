@@ -239,21 +239,29 @@ def _run_dir(tmp_path: Path, name: str, valid: list[float | None], elapsed: floa
     return run_dir
 
 
+def _stop(run_dir: Path) -> dict:
+    """``grid.stop_reason`` given the run's metrics.jsonl, as ``run_and_record`` reads it."""
+    metrics = run_dir / "metrics.jsonl"
+    epochs = [json.loads(line) for line in metrics.read_text().splitlines()] \
+        if metrics.exists() else []
+    return grid.stop_reason(run_dir, epochs)
+
+
 def test_stop_reason_tells_a_capped_run_from_a_converged_one(tmp_path: Path) -> None:
     # best at epoch 2 (the first of two equal values), then 4 epochs without a gain
     patience = _run_dir(tmp_path, "p", [None, 0.3, None, 0.3, None, 0.2], elapsed=70.0)
-    assert grid.stop_reason(patience) == {"best_epoch": 2, "stopped_by": "patience"}
+    assert _stop(patience) == {"best_epoch": 2, "stopped_by": "patience"}
     # still improving when the one-minute cap came
     capped = _run_dir(tmp_path, "t", [0.1, 0.2, 0.3], elapsed=61.0)
-    assert grid.stop_reason(capped) == {"best_epoch": 3, "stopped_by": "time cap"}
+    assert _stop(capped) == {"best_epoch": 3, "stopped_by": "time cap"}
     done = _run_dir(tmp_path, "e", [0.1, 0.2, 0.1], elapsed=5.0, epochs=3)
-    assert grid.stop_reason(done) == {"best_epoch": 2, "stopped_by": "epoch cap"}
+    assert _stop(done) == {"best_epoch": 2, "stopped_by": "epoch cap"}
     killed = _run_dir(tmp_path, "k", [0.1, 0.2], elapsed=5.0)
-    assert grid.stop_reason(killed) == {"best_epoch": 2, "stopped_by": "interrupted"}
+    assert _stop(killed) == {"best_epoch": 2, "stopped_by": "interrupted"}
     early = _run_dir(tmp_path, "m", [0.3, 0.1, 0.1, 0.1, 0.1], elapsed=5.0, min_epochs=6)
-    assert grid.stop_reason(early)["stopped_by"] == "interrupted"  # min_epochs not reached
-    assert grid.stop_reason(tmp_path / "missing") == {}
-    recs = [{**_record("sasrec-ce-toy", s, 0.1, 0.5, epochs=6), **grid.stop_reason(d)}
+    assert _stop(early)["stopped_by"] == "interrupted"  # min_epochs not reached
+    assert _stop(tmp_path / "missing") == {}
+    recs = [{**_record("sasrec-ce-toy", s, 0.1, 0.5, epochs=6), **_stop(d)}
             for s, d in enumerate([patience, capped, capped])]
     text = make_results.build(recs, tmp_path)
     assert "; best 2, 3, 3; stopped: patience 1, time cap 2 |" in text
