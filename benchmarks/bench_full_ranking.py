@@ -18,11 +18,11 @@ import time
 import numpy as np
 import torch
 
-from retr.config import DataConfig
+from retr.config import DataConfig, EvalConfig
 from retr.data.dataset import SequenceDataset, Vocabulary
 from retr.data.load import load_dataset
 from retr.data.splits import make_split
-from retr.evaluation.protocol import EvalConfig, evaluate
+from retr.evaluation.protocol import evaluate
 from retr.models.pop import Pop
 
 

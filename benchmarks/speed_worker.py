@@ -255,31 +255,19 @@ class RetrSide:
         torch.manual_seed(args.seed)
         self.model = build_model(args.model, self.dataset.n_items, model_cfg)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.gen = torch.Generator().manual_seed(args.seed)
         self.epoch = 0
         self.user_index = {u: i for i, u in enumerate(self.dataset.vocab.users)}
         self.items = np.array(self.dataset.vocab.items)
         self.recommender_cls = Recommender
 
     def train_epoch(self) -> None:
-        import torch
-
-        from retr.training.trainer import batch_loss, release_free_memory, training_batch
+        """One epoch of `retr train`'s loop (``retr.train_epoch``) over every user's sequence."""
+        import retr
 
         self.epoch += 1
-        self.model.train()
         d = self.dataset
-        users = np.random.default_rng([self.cfg.seed, self.epoch]).permutation(d.n_users)
-        tc = self.cfg.train
-        for start in range(0, len(users), tc.batch_size):
-            idx = users[start:start + tc.batch_size]
-            inputs, targets = training_batch(self.model, _Data(d), idx, d.lengths[idx],
-                                             self.gen, torch.device("cpu"))
-            loss, _ = batch_loss(tc, self.model, self.model, inputs, targets, self.gen)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-        release_free_memory()  # as `retr train` does after each epoch
+        retr.train_epoch(self.model, d, np.arange(d.n_users), d.lengths, self.opt,
+                         self.cfg.train, self.cfg.seed, self.epoch)
 
     def _ids(self, users: np.ndarray) -> np.ndarray:
         return np.array([self.user_index[str(u)] for u in users])
@@ -321,13 +309,6 @@ class RetrSide:
             self._rec = self._recommender()
         seq = self.dataset.sequence(self.user_index[str(user)])
         self._rec.recommend(self.items[seq - 1].tolist(), k=10)
-
-
-class _Data:
-    """The slice of RunData that ``training_batch`` reads."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
 
 
 def main() -> None:

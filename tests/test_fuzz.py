@@ -33,10 +33,9 @@ from retr.data.load import load_dataset
 from retr.data.preprocess import Preprocessing, build_dataset
 from retr.data.readers import FORMATS, ROLES, read_interactions
 from retr.errors import ConfigError, DataError, RunDirError
-from retr.runs import load_config
+from retr.runs import load_config, load_run_data
 from retr.serving.recommender import Recommender
 from retr.training.checkpoint import load_trainer_state
-from retr.training.trainer import load_run_data
 
 # No example database: nothing is written into the tree; a failure prints its example.
 FUZZ = settings(deadline=None, max_examples=60, database=None,

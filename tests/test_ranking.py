@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from retr.config import EvalConfig
 from retr.data.splits import make_split
 from retr.evaluation.metrics import metrics_from_counts
-from retr.evaluation.protocol import EvalConfig, evaluate
+from retr.evaluation.protocol import evaluate
 from retr.evaluation.ranking import full_rank_counts, history_pairs, sampled_rank_counts, topk_items
 from retr.models.base import ModelOutput, SequentialRecommender
 from tests.test_splits import _random_dataset

@@ -19,12 +19,11 @@ from retr.data.dataset import Vocabulary
 from retr.errors import DataError, RetrError, RunDirError
 from retr.evaluation.ranking import history_pairs, topk_items, user_states
 from retr.models.base import ModelOutput, SequentialRecommender
-from retr.runs import load_run
+from retr.runs import load_run, save_item_counts
 from retr.serving import (
     EmptyHistoryError,
     Recommender,
     UnknownItemError,
-    save_item_counts,
 )
 from retr.serving.commands import read_histories, register
 from retr.serving.recommender import RequestError

@@ -17,7 +17,7 @@ from retr.config import DataConfig, ItemReprConfig, RunConfig, resolve_config
 from retr.data.load import load_dataset
 from retr.data.multidomain import domain_label, split_external
 from retr.errors import ConfigError, DataError, RetrError
-from retr.models import build_model
+from retr.models import build_model, build_run_model
 from retr.models.item_text import MoEAdaptor, TextItemEmbedding, text_item_module
 from retr.runs import load_run
 from retr.serving.recommender import Recommender
@@ -96,8 +96,8 @@ def test_build_run_model_encodes_once_per_item_set(tmp_path: Path,
     monkeypatch.setattr(transfer, "make_encoder", lambda kind, dim: enc)
     cfg = _config("sasrec", SMALL, SYN.format(1), tmp_path, hash_dim=24)
     ds = load_dataset(cfg.data)
-    a = transfer.build_run_model(cfg, ds.n_items, ds)
-    b = transfer.build_run_model(cfg, ds.n_items, ds)
+    a = build_run_model(cfg, ds.n_items, ds)
+    b = build_run_model(cfg, ds.n_items, ds)
     assert enc.calls == 1
     ta, tb = a.item_embedding.text_vectors, b.item_embedding.text_vectors
     assert torch.equal(ta, tb) and ta.shape == (ds.n_items + 1, 24) and not ta[0].any()
@@ -304,7 +304,7 @@ def test_item_repr_config_round_trip_and_checks() -> None:
         resolve_config(None, ["item_repr.id_embedding=true"])
     pop = resolve_config(None, ["model.name='pop'", 'item_repr.kind="text"'])
     with pytest.raises(ConfigError, match="no item representation"):
-        transfer.build_run_model(pop, 5)
+        build_run_model(pop, 5)
 
 
 def test_multidomain_dataset_has_disjoint_ids() -> None:
@@ -414,10 +414,10 @@ def test_freeze_backbone_keeps_every_shared_tensor(variant: str, tmp_path: Path)
     name, model_cfg = VARIANTS[variant]
     cfg = _config(name, model_cfg, SYN.format(1), tmp_path)
     ds = load_dataset(cfg.data)
-    pre = transfer.build_run_model(cfg, ds.n_items, ds)
+    pre = build_run_model(cfg, ds.n_items, ds)
     cfg.item_repr.freeze_backbone = True
     cfg.item_repr.id_embedding = True
-    model = transfer.build_run_model(cfg, ds.n_items, ds)
+    model = build_run_model(cfg, ds.n_items, ds)
     report = transfer.load_pretrained(model, cfg, pre.state_dict())
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and not any(n.startswith("item_embedding.") for n in frozen)

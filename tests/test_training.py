@@ -11,9 +11,8 @@ from retr.cli import main
 from retr.config import resolve_config
 from retr.data.load import load_dataset
 from retr.errors import RunDirError
-from retr.runs import load_run
+from retr.runs import load_run, train
 from retr.training.checkpoint import load_trainer_state
-from retr.training.trainer import train
 
 DATA = "synthetic:n_users=300,n_items=120,n_themes=10,min_len=10,max_len=20,seed=2"
 SMALL = {

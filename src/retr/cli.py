@@ -7,38 +7,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from retr import __version__
+from retr.cli_args import add_config_args, add_data_args, data_overrides, resolve_args
+from retr.config import resolve_config
+from retr.data import registry, synthetic
+from retr.data.load import load_dataset
 from retr.errors import ConfigError, RetrError
-
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", dest="fmt", help="reader format (auto-detected when unambiguous)")
-    p.add_argument("--user-col", help="column holding user ids")
-    p.add_argument("--item-col", help="column holding item ids")
-    p.add_argument("--time-col", help="column holding timestamps")
-    p.add_argument("--rating-col", help="column holding ratings")
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    """The options every training command shares: config file, overrides, seed, JSON output."""
-    p.add_argument("--config", help="TOML config file (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=0.001 (repeatable)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--json", action="store_true", help="print the final results as JSON")
-
-
-def _data_overrides(args: argparse.Namespace) -> list[str]:
-    out = []
-    for flag, key in (("fmt", "format"), ("user_col", "user_col"), ("item_col", "item_col"),
-                      ("time_col", "time_col"), ("rating_col", "rating_col")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            out.append(f"data.{key}={json.dumps(value)}")
-    return out
+from retr.evaluation.protocol import evaluate
+from retr.evaluation.report import results_table, run_results_rows
+from retr.runs import load_config, load_run, train
+from retr.serving.commands import COMMANDS as SERVING_COMMANDS
+from retr.serving.commands import register as register_serving
+from retr.text.commands import COMMANDS as TEXT_COMMANDS
+from retr.text.commands import register as register_text
+from retr.training.distributed import is_main_process
+from retr.utils import log, progress_bars
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command")
     d = dsub.add_parser("describe", help="statistics of a dataset after preprocessing")
     d.add_argument("source", help="registry name, synthetic[:k=v,...] or a file path")
-    _data_args(d)
+    add_data_args(d)
     d.add_argument("--min-user", type=int, help="k-core threshold for users (default 5; 0 = off)")
     d.add_argument("--min-item", type=int, help="k-core threshold for items (default 5; 0 = off)")
     d.add_argument("--no-filter", action="store_true", help="no k-core filtering at all")
@@ -83,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory to create")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     add_config_args(t)
-    _data_args(t)
+    add_data_args(t)
 
     e = sub.add_parser("evaluate", help="evaluate a run's selected weights")
     e.add_argument("run_dir")
@@ -99,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--models", default="pop,sasrec,retr", help="comma-separated model names")
     c.add_argument("--out", default="runs/compare")
     add_config_args(c)
-    _data_args(c)
+    add_data_args(c)
 
     cfg = sub.add_parser("config", help="show the resolved configuration")
     csub = cfg.add_subparsers(dest="config_command")
@@ -109,51 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--data")
     cs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
-    from retr.serving.commands import register as register_serving
-
     register_serving(sub)
-    from retr.text.commands import register as register_text
-
     register_text(sub)
     return parser
 
 
-def _resolve(args: argparse.Namespace, model: str | None = None) -> Any:
-    """Config file <- command-line flags <- --set overrides.
-
-    A config file may hold ``[models.NAME]`` tables (for ``retr compare``); the one of the
-    chosen model becomes its ``[model]`` section.
-    """
-    from retr.config import load_toml, merge_dicts, resolve_config
-
-    config_file = getattr(args, "config", None)
-    raw: dict[str, Any] = load_toml(config_file) if config_file else {}
-    per_model = raw.pop("models", {})
-    table = raw.get("model", {})
-    name = model or getattr(args, "model", None) or (
-        table.get("name") if isinstance(table, dict) else None)
-    if name and isinstance(per_model, dict) and name in per_model:
-        if not isinstance(per_model[name], dict):
-            raise ConfigError(f"{config_file}: [models.{name}] must be a table of model "
-                              f"settings, got {per_model[name]!r}")
-        raw = merge_dicts(raw, {"model": dict(per_model[name])})
-    flags: dict[str, Any] = {}
-    if getattr(args, "data", None):
-        flags["data"] = {"source": args.data}
-    if name:
-        flags.setdefault("model", {})["name"] = name
-    if getattr(args, "seed", None) is not None:
-        flags["seed"] = args.seed
-    overrides = _data_overrides(args) + list(getattr(args, "set", []) or [])
-    where = str(config_file) if config_file else "config"
-    if config_file and overrides:
-        where += " with command-line overrides"
-    return resolve_config(None, overrides, base=merge_dicts(raw, flags), where=where)
-
-
 def cmd_data(args: argparse.Namespace) -> int:
-    from retr.data import registry
-
     if args.data_command == "list":
         for e in registry.list_datasets():
             print(f"{e.name:22s} {e.description}")
@@ -165,16 +114,13 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"downloaded {args.name} to {path}")
         return 0
     if args.data_command == "synthetic":
-        from retr.data import synthetic
-
-        log = synthetic.generate(synthetic.parse_synthetic_spec(args.spec))
-        log.save(args.out)
-        print(f"wrote {len(log.log)} interactions of {log.log['user'].nunique()} users to {args.out}")
+        generated = synthetic.generate(synthetic.parse_synthetic_spec(args.spec))
+        generated.save(args.out)
+        print(f"wrote {len(generated.log)} interactions of {generated.log['user'].nunique()} "
+              f"users to {args.out}")
         return 0
     if args.data_command == "describe":
-        from retr.data.load import load_dataset
-
-        sets = [f"data.source={json.dumps(args.source)}"] + _data_overrides(args)
+        sets = [f"data.source={json.dumps(args.source)}"] + data_overrides(args)
         if args.no_filter:
             sets += ["data.min_user_interactions=0", "data.min_item_interactions=0"]
         if args.min_user is not None:
@@ -183,8 +129,6 @@ def cmd_data(args: argparse.Namespace) -> int:
             sets.append(f"data.min_item_interactions={args.min_item}")
         if args.rating_threshold is not None:
             sets.append(f"data.rating_threshold={args.rating_threshold}")
-        from retr.config import resolve_config
-
         cfg = resolve_config(None, sets, base={"model": {"name": "pop"}})
         stats = load_dataset(cfg.data).describe()
         stats["preprocessing"] = {k: getattr(cfg.data, k) for k in (
@@ -215,12 +159,6 @@ def format_describe(s: dict[str, Any]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from retr.data.load import load_dataset
-    from retr.evaluation.report import results_table, run_results_rows
-    from retr.runs import load_config
-    from retr.training.distributed import is_main_process
-    from retr.training.trainer import train
-
     if args.resume:
         cfg = load_config(args.resume)
         run_dir = Path(args.resume)
@@ -233,10 +171,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if is_main_process() and (run_dir / "config.json").exists():
             raise ConfigError(f"{run_dir}: already holds a run; pick a new --out, or continue it "
                               f"with --resume {run_dir}")
-        cfg = _resolve(args)
+        cfg = resolve_args(args)
         resume = False
+    if args.quiet:  # a resumed run may go quiet too
+        cfg.train.progress = False
     dataset = load_dataset(cfg.data)
-    results = train(cfg, dataset, run_dir, resume=resume, log=_log)
+    results = train(cfg, dataset, run_dir, resume=resume, log=log)
     if not is_main_process():  # rank 0 prints the results of a multi-process run
         return 0
     if args.json:
@@ -247,15 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from retr.evaluation.protocol import evaluate
-    from retr.evaluation.report import results_table
-    from retr.runs import load_run
-
     run = load_run(args.run_dir)
     cfg = run.config
     if args.keep_history:
@@ -263,7 +195,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     rows = []
     for protocol in args.protocol or cfg.eval.protocols:
         res = evaluate(run.model, run.data.dataset, run.data.split.examples(args.split), protocol,
-                       cfg.eval, run.data.negatives[args.split], progress=cfg.train.progress)
+                       cfg.eval, run.data.negatives[args.split],
+                       progress=progress_bars(cfg.train.progress))
         rows.append((cfg.model_name, {"split": args.split, **res}))
     if args.json:
         out = {"model": cfg.model_name, "dataset": run.data.dataset.name, "seed": cfg.seed,
@@ -276,14 +209,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from retr.data.load import load_dataset
-    from retr.evaluation.report import results_table, run_results_rows
-    from retr.training.trainer import train
-
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if not names:
         raise ConfigError("--models needs at least one model name")
-    configs = [_resolve(args, model=name) for name in names]
+    configs = [resolve_args(args, model=name) for name in names]
     dataset = load_dataset(configs[0].data)
     out = Path(args.out)
     rows, all_results = [], []
@@ -291,8 +220,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         run_dir = out / name
         if (run_dir / "config.json").exists():
             raise ConfigError(f"{run_dir}: already holds a run; choose another --out")
-        _log(f"== {name} ==")
-        res = train(cfg, dataset, run_dir, log=_log)
+        log(f"== {name} ==")
+        res = train(cfg, dataset, run_dir, log=log)
         rows += [r for r in run_results_rows(res) if r[1]["split"] == "test"]
         all_results.append(res)
     if args.json:
@@ -306,7 +235,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     if args.config_command != "show":
         raise ConfigError("retr config: use 'retr config show'")
-    cfg = _resolve(args)
+    cfg = resolve_args(args)
     print(cfg.to_json(), end="")
     return 0
 
@@ -315,18 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from retr import __version__
-
         print(f"retr {__version__}")
         return 0
     commands = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate,
-                "compare": cmd_compare, "config": cmd_config}
-    from retr.serving.commands import COMMANDS as SERVING_COMMANDS
-
-    commands.update(SERVING_COMMANDS)
-    from retr.text.commands import COMMANDS as TEXT_COMMANDS
-
-    commands.update(TEXT_COMMANDS)
+                "compare": cmd_compare, "config": cmd_config, **SERVING_COMMANDS, **TEXT_COMMANDS}
     if args.command not in commands:
         parser.print_help()
         return 2
@@ -339,7 +260,5 @@ def main(argv: list[str] | None = None) -> int:
         print("retr: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (e.g. piped into head): not an error
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

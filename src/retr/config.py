@@ -7,6 +7,7 @@ path named, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import tomllib
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from retr.errors import ConfigError
-from retr.evaluation.protocol import EvalConfig
 
 CONFIG_FORMAT_VERSION = 1
+LOSSES = ("bpr", "bce", "ce", "sampled_softmax", "gbce")  # train.loss; retr.training.losses
+PROTOCOLS = ("full", "sampled")  # eval.protocols; retr.evaluation.protocol
 
 
 @dataclass
@@ -110,9 +112,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.loss not in ("bpr", "bce", "ce", "sampled_softmax", "gbce"):
-            raise ConfigError("train.loss must be one of bpr, bce, ce, sampled_softmax, gbce; "
-                              f"got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"train.loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
         for name in ("epochs", "batch_size", "negatives", "eval_every", "length_groups"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -123,6 +124,40 @@ class TrainConfig:
                               "train.grad_clip must be >= 0")
         if self.valid_protocol not in ("full", "sampled"):
             raise ConfigError(f"train.valid_protocol must be 'full' or 'sampled', got {self.valid_protocol!r}")
+
+
+@dataclass
+class EvalConfig:
+    """How models are evaluated.
+
+    ks: cut-offs for HR/NDCG/MRR/Recall@k. exclude_history: in full ranking, remove the items
+    of the input prefix from the candidates (turn off for datasets with repeat visits, e.g.
+    Yelp). negatives: sampled-protocol negatives per example (paper: 100). negative_sampling:
+    "uniform" (paper) or "popularity". batch_size, item_chunk: memory bounds of full ranking.
+    protocols: which protocols the end-of-training report runs.
+    """
+
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+    exclude_history: bool = True
+    negatives: int = 100
+    negative_sampling: str = "uniform"
+    batch_size: int = 256
+    item_chunk: int = 4096
+    protocols: list[str] = field(default_factory=lambda: ["full", "sampled"])
+
+    def __post_init__(self) -> None:
+        if not self.ks or any((not isinstance(k, int)) or k < 1 for k in self.ks):
+            raise ConfigError(f"eval.ks must be a non-empty list of integers >= 1, got {self.ks}")
+        if self.negatives < 1:
+            raise ConfigError(f"eval.negatives must be >= 1, got {self.negatives}")
+        if self.negative_sampling not in ("uniform", "popularity"):
+            raise ConfigError("eval.negative_sampling must be 'uniform' or 'popularity', got "
+                              f"{self.negative_sampling!r}")
+        if self.batch_size < 1 or self.item_chunk < 1:
+            raise ConfigError("eval.batch_size and eval.item_chunk must be >= 1")
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad or not self.protocols:
+            raise ConfigError(f"eval.protocols must be a non-empty subset of {list(PROTOCOLS)}, got {self.protocols}")
 
 
 @dataclass
@@ -195,7 +230,7 @@ class RunConfig:
             "seed": self.seed,
             "data": dataclasses.asdict(self.data),
             "split": dataclasses.asdict(self.split),
-            "model": {"name": self.model_name, **dataclasses.asdict(self.model)},
+            "model": {"name": self.model_name, **flat_dict(self.model)},
             "train": dataclasses.asdict(self.train),
             "eval": dataclasses.asdict(self.eval),
             "item_repr": dataclasses.asdict(self.item_repr),
@@ -234,10 +269,38 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
 
-def model_config_class(name: str) -> type:
-    from retr.models import config_class
+_MODEL_CONFIGS: dict[str, type] = {}
 
-    return config_class(name)
+
+def register_model_config(name: str, config_cls: type) -> None:
+    """Make ``[model] name = NAME`` read into ``config_cls`` (``retr.models`` registers each)."""
+    _MODEL_CONFIGS[name] = config_cls
+
+
+def model_config_class(name: str) -> type:
+    """The config dataclass of model ``name``."""
+    if name not in _MODEL_CONFIGS:
+        raise ConfigError(f"unknown model {name!r}; valid names: {', '.join(_MODEL_CONFIGS)}")
+    return _MODEL_CONFIGS[name]
+
+
+def _nested_fields(cls: type) -> dict[str, type]:
+    """Fields of ``cls`` that hold a dataclass: their keys sit flat in the same table."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+            if isinstance(hints[f.name], type) and dataclasses.is_dataclass(hints[f.name])}
+
+
+def flat_dict(obj: Any) -> dict[str, Any]:
+    """``dataclasses.asdict`` with every nested dataclass's keys in place of its own field."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(flat_dict(value))
+        else:
+            out[f.name] = copy.deepcopy(value)
+    return out
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -285,12 +348,22 @@ def build_dataclass(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table of settings, got {raw!r}")
     hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
+    nested = _nested_fields(cls)
+    own = [f.name for f in dataclasses.fields(cls)
+           if f.init and not f.name.startswith("_") and f.name not in nested]
+    inner = {name: [f.name for f in dataclasses.fields(sub)] for name, sub in nested.items()}
+    names = own + [k for keys in inner.values() for k in keys]
     unknown = sorted(set(raw) - set(names))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+    kwargs = {k: _coerce(raw[k], hints[k], f"{where}.{k}") for k in own if k in raw}
     try:
+        for name, keys in inner.items():
+            given = {k: _coerce(raw[k], get_type_hints(nested[name])[k], f"{where}.{k}")
+                     for k in keys if k in raw}
+            default: Any = next(f for f in dataclasses.fields(cls)
+                                if f.name == name).default_factory
+            kwargs[name] = dataclasses.replace(default(), **given)
         return cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

@@ -1,10 +1,11 @@
-"""Small helpers shared across the package: atomic writes and fingerprints."""
+"""Small helpers shared across the package: atomic writes, fingerprints, progress and logs."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -66,3 +67,17 @@ def read_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise RunDirError(f"{path}: corrupted: expected a JSON object, found {type(obj).__name__}")
     return obj
+
+
+def progress_bars(wanted: bool = True) -> bool:
+    """Whether to draw progress bars: asked for, and stderr is a terminal.
+
+    A bar redraws itself with carriage returns; in a log file every redraw is a line, so
+    output that is not a terminal gets the one-line-per-epoch log alone.
+    """
+    return wanted and sys.stderr.isatty()
+
+
+def log(message: str) -> None:
+    """A progress or status line for people, on stderr (stdout carries the results)."""
+    print(message, file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from retr.config import DataConfig
+from retr.data import registry
 from retr.data.dataset import SequenceDataset, Vocabulary
 from retr.errors import DataError
 
@@ -27,8 +28,6 @@ def domain_label(source: str) -> str:
     """Short unique name of a source: registry name, file name, or the synthetic spec without
     punctuation (``synthetic:n_users=500,seed=1`` -> ``synthetic-n_users500-seed1``), so that
     ids stay free of the commas that separate ids in histories."""
-    from retr.data import registry
-
     text = source.strip()
     if text.lower() == "synthetic" or text.lower().startswith("synthetic:"):
         return re.sub(r"[:,]+", "-", text.replace("=", "").replace(" ", "")).strip("-")
@@ -63,14 +62,8 @@ def split_external(item: str) -> tuple[str, str]:
     return label, original
 
 
-def load_multidomain(cfg: DataConfig) -> SequenceDataset:
-    """Read every domain of ``cfg.domains`` and place them side by side."""
-    from retr.data.load import load_dataset
-
-    if not cfg.domains:
-        raise DataError("data.domains is empty: name at least one domain")
-    labels = domain_labels(cfg)
-    parts = [load_dataset(domain_config(cfg, s)) for s in cfg.domains]
+def side_by_side(labels: list[str], parts: list[SequenceDataset]) -> SequenceDataset:
+    """The domains ``parts`` (each read and preprocessed alone) as one dataset, disjoint ids."""
     items, offsets, stamps = [], [np.zeros(1, dtype=np.int64)], []
     users: list[str] = []
     vocab_items: list[str] = []

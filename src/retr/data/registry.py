@@ -22,6 +22,7 @@ import platformdirs
 
 from retr.data.download import download, extract_zip
 from retr.data.readers import ColumnMap, read_interactions
+from retr.data.synthetic import generate, parse_synthetic_spec
 from retr.errors import DataError
 
 ENV_DATA_DIR = "RETR_DATA_DIR"
@@ -411,8 +412,6 @@ def load_log(name: str, data_dir: Path | None = None, download: bool = False) ->
     With ``download=True`` missing files are fetched first (verified sources only).
     """
     if _is_synthetic(name):
-        from retr.data.synthetic import generate, parse_synthetic_spec
-
         return generate(parse_synthetic_spec(name)).log
     entry = get_entry(name)
     root = Path(data_dir) if data_dir is not None else _default_data_dir()

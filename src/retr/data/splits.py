@@ -94,6 +94,16 @@ _SPLIT_ARRAYS = ("kind", "train_users", "train_lengths", "valid_users", "valid_l
                  "valid_targets", "test_users", "test_lengths", "test_targets")
 
 
+@dataclass
+class RunData:
+    """What a run needs besides the model: the data, its split and the stored sampled
+    negatives of validation and test (``{"valid": [U, n], "test": [U, n]}``)."""
+
+    dataset: SequenceDataset
+    split: Split
+    negatives: dict[str, np.ndarray]
+
+
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)  # type: ignore[arg-type]

@@ -414,3 +414,17 @@ def _parse_value(spec: str, key: str, value: str) -> Any:
         raise DataError(f"synthetic spec {spec!r}: {key}={value!r} is not a valid "
                         f"{kind.__name__}; valid keys: "
                         f"{', '.join(f.name for f in fields(SyntheticConfig))}") from None
+
+
+def synthetic_interactions(**settings: Any) -> pd.DataFrame:
+    """The planted-pathway log as a DataFrame of ``user_id``, ``item_id``, ``timestamp``.
+
+    ``settings`` are :class:`SyntheticConfig`'s fields (``n_users``, ``seed``, ...), the same
+    as in a ``synthetic:key=value`` source.
+    """
+    try:
+        config = SyntheticConfig(**settings)
+    except TypeError as exc:
+        raise DataError(f"synthetic_interactions: {exc}") from None
+    log = generate(config).log
+    return log.rename(columns={"user": "user_id", "item": "item_id"})

@@ -1,14 +1,26 @@
-"""Model registry: name -> (config class, model class), and one way to build any model."""
+"""Model registry (name -> config class, model class) and the one way to build a run's model.
+
+:func:`build_run_model` is what training, loading a run and serving call: it builds
+``cfg.model_name`` with :func:`build_model` and, when ``item_repr.kind`` is not "id", replaces
+the model's item module by the one registered for that kind (``retr.text`` registers "text"),
+so no model file knows how items are represented.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from typing import Any
 
+import torch
+from torch import nn
+
+from retr.config import RunConfig, build_dataclass, register_model_config
+from retr.data.dataset import SequenceDataset
 from retr.errors import ConfigError
 from retr.models.base import ModelOutput, SequentialRecommender
 from retr.models.bert4rec import BERT4Rec, BERT4RecConfig
 from retr.models.gru4rec import GRU4Rec, GRU4RecConfig
+from retr.models.pathway import RouterOptions
 from retr.models.pop import Pop, PopConfig
 from retr.models.retr import RETR, RETRConfig
 from retr.models.sasrec import SASRec, SASRecConfig
@@ -20,6 +32,14 @@ MODELS: dict[str, tuple[type, type]] = {
     "bert4rec": (BERT4RecConfig, BERT4Rec),
     "gru4rec": (GRU4RecConfig, GRU4Rec),
 }
+for _name, (_config_cls, _) in MODELS.items():
+    register_model_config(_name, _config_cls)
+
+ITEM_MODULE = "item_embedding"  # the attribute every model keeps its item module under
+
+# item_repr.kind -> factory(current item module, run config, dataset or None) -> new module
+ItemModuleFactory = Callable[[nn.Module, RunConfig, SequenceDataset | None], nn.Module]
+_ITEM_MODULES: dict[str, ItemModuleFactory] = {}
 
 
 def model_names() -> list[str]:
@@ -39,17 +59,13 @@ def config_class(name: str) -> type:
 
 
 def build_model(name: str, n_items: int, config: object = None) -> SequentialRecommender:
-    """Model ``name`` for ``n_items`` items from its config object, a dict of fields, or defaults."""
+    """Model ``name`` for ``n_items`` items from its config object, a dict of its (flat TOML)
+    keys, or defaults."""
     config_cls, model_cls = _entry(name)
     if config is None:
         config = config_cls()
     elif isinstance(config, dict):
-        valid = {f.name for f in dataclasses.fields(config_cls)}
-        unknown = sorted(set(config) - valid)
-        if unknown:
-            raise ConfigError(f"model {name!r}: unknown key(s) {', '.join(unknown)}; "
-                              f"valid keys: {', '.join(sorted(valid))}")
-        config = config_cls(**config)
+        config = build_dataclass(config_cls, config, f"model {name!r}")
     elif not isinstance(config, config_cls):
         raise ConfigError(f"model {name!r} needs a {config_cls.__name__}, "
                           f"got {type(config).__name__}")
@@ -57,8 +73,74 @@ def build_model(name: str, n_items: int, config: object = None) -> SequentialRec
     return model
 
 
+def register_item_module(kind: str, factory: ItemModuleFactory) -> None:
+    """Make ``item_repr.kind = KIND`` build its item module with ``factory``."""
+    _ITEM_MODULES[kind] = factory
+
+
+def _build(cfg: RunConfig, n_items: int,
+           dataset: SequenceDataset | None) -> SequentialRecommender:
+    model = build_model(cfg.model_name, n_items, cfg.model)
+    kind = cfg.item_repr.kind
+    if kind != "id":
+        old = getattr(model, ITEM_MODULE, None)
+        if old is None:
+            raise ConfigError(f"model {cfg.model_name!r} has no item representation to replace; "
+                              f"item_repr.kind = {kind!r} needs retr, sasrec, bert4rec or gru4rec")
+        if kind not in _ITEM_MODULES:
+            raise ConfigError(f"item_repr.kind = {kind!r}: no item module is registered for it; "
+                              "import retr (which registers 'text') before building the model")
+        setattr(model, ITEM_MODULE, _ITEM_MODULES[kind](old, cfg, dataset))
+    return model
+
+
+def build_run_model(cfg: RunConfig, n_items: int,
+                    dataset: SequenceDataset | None = None) -> SequentialRecommender:
+    """The model of a run: ``cfg.model_name`` with the item module ``cfg.item_repr`` asks for.
+
+    With ``dataset`` (training) an item module may read the dataset (text vectors are encoded
+    from its item texts); without it (loading a run) such state comes back with the weights.
+    """
+    if dataset is not None and dataset.n_items != n_items:
+        raise ValueError(f"dataset has {dataset.n_items} items, n_items is {n_items}")
+    model = _build(cfg, n_items, dataset)
+    if cfg.item_repr.freeze_backbone:
+        freeze_backbone(model, cfg)
+    return model
+
+
+def item_specific_keys(cfg: RunConfig) -> set[str]:
+    """State-dict keys whose shape depends on the number of items (never transferred).
+
+    Found by building the model for two catalogue sizes and comparing shapes, so a new model
+    needs no list.
+    """
+    with torch.random.fork_rng(devices=[]):  # the probes must not move the global RNG
+        small, large = (_build(cfg, n, None).state_dict() for n in (2, 3))
+    keys = set(small) | set(large)
+    return {k for k in keys if k not in small or k not in large or small[k].shape != large[k].shape}
+
+
+def backbone_parameters(model: SequentialRecommender, cfg: RunConfig) -> list[str]:
+    """Names of the parameters frozen by ``freeze_backbone``: shared ones outside the item module."""
+    specific = item_specific_keys(cfg)
+    return [name for name, _ in model.named_parameters()
+            if name not in specific and not name.startswith(ITEM_MODULE + ".")]
+
+
+def freeze_backbone(model: SequentialRecommender, cfg: RunConfig) -> list[str]:
+    """Set ``requires_grad = False`` on the backbone; returns the frozen names."""
+    names = set(backbone_parameters(model, cfg))
+    for name, param in model.named_parameters():
+        if name in names:
+            param.requires_grad_(False)
+    return sorted(names)
+
+
 __all__ = [
-    "BERT4Rec", "BERT4RecConfig", "GRU4Rec", "GRU4RecConfig", "MODELS", "ModelOutput", "Pop",
-    "PopConfig", "RETR", "RETRConfig", "SASRec", "SASRecConfig", "SequentialRecommender",
-    "build_model", "config_class", "model_names",
+    "BERT4Rec", "BERT4RecConfig", "GRU4Rec", "GRU4RecConfig", "ITEM_MODULE", "MODELS",
+    "ModelOutput", "Pop", "PopConfig", "RETR", "RETRConfig", "RouterOptions", "SASRec",
+    "SASRecConfig", "SequentialRecommender", "backbone_parameters", "build_model",
+    "build_run_model", "config_class", "freeze_backbone", "item_specific_keys", "model_names",
+    "register_item_module",
 ]

@@ -18,22 +18,6 @@ from torch import nn
 WIDTH_MULTIPLE = 8  # length groups run at widths that are multiples of this (or the window)
 
 
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype in force on ``device_type``, or None outside autocast."""
-    try:
-        on = bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # torch < 2.4: one query per device type
-        on = bool(torch.is_autocast_cpu_enabled() if device_type == "cpu"
-                  else torch.is_autocast_enabled())
-    if not on:
-        return None
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        return torch.get_autocast_dtype(device_type)
-    if device_type == "cpu":
-        return torch.get_autocast_cpu_dtype()
-    return torch.get_autocast_gpu_dtype()
-
-
 @dataclass
 class ModelOutput:
     """What ``forward`` returns.

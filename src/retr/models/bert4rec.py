@@ -17,7 +17,7 @@ bidirectional, so the router's global pool (the paper's literal one) is the defa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -34,7 +34,7 @@ from retr.models.layers import (
     collect_output,
     init_weights,
 )
-from retr.models.pathway import RouterOptions
+from retr.models.pathway import RouterOptions, attention_module
 
 
 @dataclass
@@ -51,14 +51,9 @@ class BERT4RecConfig:
     mask_prob: float = 0.2  # cloze masking proportion ρ (paper: 0.2 on MovieLens-1M)
     last_item_mask_prob: float = 0.0  # share of training rows that mask only the last item
     attention: str = "self"  # "self" (BERT4Rec) | "pathway" (BERT4Rec + pathway attention)
-    router: str = "learned"  # pathway only: "learned" | "random"
-    random_keep_prob: float = 0.5  # pathway only: keep probability of the random router
-    hierarchical: bool = True  # pathway only: R^l = R̂^l ⊙ R^{l-1}
-    gumbel: str = "adaptive"  # pathway only: "adaptive" (learned ω) | "fixed" (τ)
-    tau: float = 1.0  # pathway only: τ of the fixed Gumbel-Softmax
-    pooling: str = "global"  # pathway only: bidirectional, so the global pool leaks nothing
-    inference_route: str = "deterministic"  # pathway only: "deterministic" | "sample"
-    router_hidden: int = 64  # pathway only: hidden width of the router MLPs
+    # pathway only: the router switches (pathway.py), flat keys of [model] as in RETR; the
+    # model is bidirectional, so the global pool leaks nothing and is the default here
+    pathway: RouterOptions = field(default_factory=lambda: RouterOptions(pooling="global"))
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_heads", "num_layers", "max_len", "ffn_size"):
@@ -76,7 +71,6 @@ class BERT4RecConfig:
                               f"got {self.last_item_mask_prob}")
         if self.attention not in ("self", "pathway"):
             raise ConfigError(f"model.attention must be 'self' or 'pathway', got {self.attention!r}")
-        RouterOptions.from_config(self)
 
 
 def cloze_batch(seqs: torch.Tensor, mask_id: int, mask_prob: float,
@@ -126,10 +120,12 @@ class BERT4Rec(SequentialRecommender):
         self.position = PositionalEmbedding(cfg.max_len, d)  # P
         self.embed_norm = nn.LayerNorm(d, eps=1e-12)
         self.dropout = Dropout(cfg.dropout)
+        pathway = cfg.pathway if cfg.attention == "pathway" else None
         self.blocks = nn.ModuleList(
-            TransformerBlock(d, cfg.num_heads, cfg.ffn_size, cfg.dropout, causal=False,
-                             attention=cfg.attention, norm="post", activation="gelu",
-                             out_proj=True, eps=1e-12, router=RouterOptions.from_config(cfg))
+            TransformerBlock(attention_module(d, cfg.num_heads, cfg.dropout, causal=False,
+                                              out_proj=True, pathway=pathway),
+                             d, cfg.ffn_size, cfg.dropout, norm="post", activation="gelu",
+                             eps=1e-12)
             for _ in range(cfg.num_layers))
         self.head = nn.Linear(d, d)  # W^P, b^P
         self.output_bias = nn.Parameter(torch.zeros(n_items + 1))  # b^O (index 0 unused)

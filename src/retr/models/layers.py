@@ -8,14 +8,13 @@ padding position can never change a real one, and an all-padding row stays finit
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from retr.models.base import ModelOutput, autocast_dtype
-from retr.models.pathway import PathwayAttention, PathwayRouter, RouterOptions
+from retr.models.base import ModelOutput
+from retr.models.kernels import dropout, dropout_attention
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
@@ -34,17 +33,17 @@ def init_weights(root: nn.Module, scheme: str = "normal", std: float = 0.02,
                  embedding_std: float | None = None) -> None:
     """Initialise Linear / Embedding / LayerNorm under ``root`` (biases 0, LayerNorm 1 and 0).
 
-    ``ItemEmbedding`` subtrees are skipped: the item encoder owns its initialisation (it may be
-    a pretrained text encoder). Pathway routers, too, keep their own (see
+    A module that defines ``init_with_host()`` owns its initialisation: that method runs in
+    place of the scheme and its subtree is not visited. The item encoder keeps what it has (it
+    may be a pretrained text encoder); pathway routers re-draw their own (see
     ``PathwayRouter.reset_parameters``). ``embedding_std`` overrides the scheme for the other
     embeddings (positions).
     """
 
     def visit(module: nn.Module) -> None:
-        if isinstance(module, ItemEmbedding):
-            return
-        if isinstance(module, PathwayRouter):
-            module.reset_parameters()
+        own = getattr(module, "init_with_host", None)
+        if callable(own):
+            own()
             return
         for child in module.children():
             visit(child)
@@ -89,6 +88,9 @@ class ItemEmbedding(nn.Module):
         with torch.no_grad():
             self.table.weight[0].zero_()
 
+    def init_with_host(self) -> None:
+        """The host model's ``init_weights`` leaves the item vectors as they are."""
+
     def special_id(self, k: int = 0) -> int:
         """Id of the k-th special token (after the items)."""
         if not 0 <= k < self.n_special:
@@ -123,21 +125,6 @@ class PositionalEmbedding(nn.Module):
             raise ValueError(f"sequence length {n} exceeds max_len {self.max_len}; "
                              "cut histories to the most recent max_len items")
         return self.table.weight[self.max_len - n:]
-
-
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Inverted dropout, as ``F.dropout``, drawing its mask from one uniform per value on the CPU.
-
-    torch's CPU dropout samples its Bernoulli mask about three times slower than a uniform draw
-    and a compare (u >= p keeps with probability exactly 1 - p); on a CPU that sampling was a
-    tenth of a training step. Other devices keep torch's fused kernel.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    keep = torch.rand(x.shape, dtype=torch.float32) >= p  # exact p in any x dtype
-    return (x * keep).mul_(1.0 / (1.0 - p))
 
 
 class Dropout(nn.Module):
@@ -186,54 +173,6 @@ def attention_mask(real: torch.Tensor, causal: bool) -> torch.Tensor:
     eye = torch.eye(n, dtype=torch.bool, device=real.device)  # [N, N]
     q_real = real[:, None, :, None]  # [B, 1, N, 1]
     return (q_real & allowed) | (~q_real & eye)  # [B, 1, N, N] (boolean ops: exportable)
-
-
-class _DropoutAttention(torch.autograd.Function):
-    """Dropout(Softmax(Q K^T / sqrt(d_h) | allowed)) V for training on the CPU.
-
-    The same function as ``scaled_dot_product_attention(..., dropout_p=p)``, whose CPU path for
-    dropout materialises the scores, an additive float mask, the probabilities and their dropped
-    copy, and draws the dropout mask with a Bernoulli sampler about three times as slow as one
-    uniform draw and a compare. Here backward keeps only the probabilities and a bool keep mask
-    [B, h, Nq, N] and rebuilds the dropped copy: less memory per layer and a faster step.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                allowed: torch.Tensor, p: float) -> torch.Tensor:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = torch.matmul(q * scale, k.transpose(-2, -1))  # [B, h, Nq, N]
-        scores.masked_fill_(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)  # [B, h, Nq, N]
-        del scores
-        keep = torch.rand_like(probs) >= p  # [B, h, Nq, N] bool, P(keep) = 1 - p
-        y = torch.matmul((probs * keep).mul_(1.0 / (1.0 - p)), v)  # [B, h, Nq, d/h]
-        ctx.save_for_backward(q, k, v, probs, keep)
-        ctx.p, ctx.scale = p, scale
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, probs, keep = ctx.saved_tensors
-        c = 1.0 / (1.0 - ctx.p)
-        dv = torch.matmul((probs * keep).mul_(c).transpose(-2, -1), dy)  # [B, h, N, d/h]
-        dp = torch.matmul(dy, v.transpose(-2, -1)).mul_(keep).mul_(c)  # [B, h, Nq, N] dL/dprobs
-        ds = dp.sub_((dp * probs).sum(dim=-1, keepdim=True)).mul_(probs)  # softmax backward
-        dq = torch.matmul(ds, k).mul_(ctx.scale)  # [B, h, Nq, d/h]
-        dk = torch.matmul(ds.transpose(-2, -1), q).mul_(ctx.scale)  # [B, h, N, d/h]
-        return dq, dk, dv, None, None
-
-
-def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
-                      p: float) -> torch.Tensor:
-    """Attention with dropout ``p`` on its weights; [B, h, Nq, d/h] like SDPA.
-
-    CPU training in fp32 takes ``_DropoutAttention``; elsewhere (GPU kernels, autocast, p = 0)
-    ``scaled_dot_product_attention`` is the better path.
-    """
-    if 0 < p < 1 and q.device.type == "cpu" and autocast_dtype("cpu") is None:
-        return cast(torch.Tensor, _DropoutAttention.apply(q, k, v, allowed, p))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
 
 
 class MultiHeadAttention(nn.Module):
@@ -294,7 +233,10 @@ class BlockOutput(NamedTuple):
 
 
 class TransformerBlock(nn.Module):
-    """One transformer layer with self-attention or pathway attention.
+    """One transformer layer around the attention module it is given.
+
+    ``attention`` is a :class:`MultiHeadAttention` or a routed one (``routed = True``, e.g.
+    :class:`retr.models.pathway.PathwayAttention`), which also takes and returns the route.
 
     norm="post" (original Transformer, BERT4Rec, RETR spec "Block l"):
         Ẑ = LN(Z + Dropout(Attn(Z)));  Z' = LN(Ẑ + FFN(Ẑ))
@@ -302,23 +244,17 @@ class TransformerBlock(nn.Module):
     and values read the raw input, the residual starts from the normed queries, and there is
     no dropout on the attention output (only on its weights):
         Q = LN(Z);  Ẑ = Q + Attn(Q, Z);  H = LN(Ẑ);  Z' = H + FFN(H)
-    With attention="pathway" the router reads the query input (Z, or LN(Z) in "pre").
+    A routed attention's router reads the query input (Z, or LN(Z) in "pre").
     """
 
-    def __init__(self, dim: int, heads: int, ffn_size: int, dropout: float, causal: bool,
-                 attention: str = "self", norm: str = "post", activation: str = "relu",
-                 out_proj: bool = True, eps: float = 1e-5,
-                 router: RouterOptions | None = None) -> None:
+    def __init__(self, attention: nn.Module, dim: int, ffn_size: int, dropout: float,
+                 norm: str = "post", activation: str = "relu", eps: float = 1e-5) -> None:
         super().__init__()
-        if attention not in ("self", "pathway"):
-            raise ValueError(f"attention must be 'self' or 'pathway', got {attention!r}")
         if norm not in ("post", "pre"):
             raise ValueError(f"norm must be 'post' or 'pre', got {norm!r}")
         self.norm = norm
-        mha = MultiHeadAttention(dim, heads, dropout, causal, out_proj)
-        self.attn: nn.Module = mha
-        if attention == "pathway":
-            self.attn = PathwayAttention(mha, PathwayRouter(dim, router or RouterOptions()))
+        self.attn = attention
+        self.routed = bool(getattr(attention, "routed", False))
         self.ln1 = nn.LayerNorm(dim, eps=eps)
         self.ln2 = nn.LayerNorm(dim, eps=eps)
         self.ffn = FeedForward(dim, ffn_size, dropout, activation)
@@ -327,10 +263,11 @@ class TransformerBlock(nn.Module):
     def _attend(self, q_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
                 route: torch.Tensor | None, output_attentions: bool) -> tuple[
                     torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        if isinstance(self.attn, PathwayAttention):
+        if self.routed:
             if route is None:
                 route = real.to(q_in.dtype)  # R^0 = 1 on every real token
-            return self.attn(q_in, kv_in, real, route, output_attentions)
+            out, weights, route, keep = self.attn(q_in, kv_in, real, route, output_attentions)
+            return out, weights, route, keep
         out, weights = self.attn(q_in, kv_in, real, output_attentions)
         return out, weights, route, None
 
@@ -341,7 +278,7 @@ class TransformerBlock(nn.Module):
         ``last_only``: only the last position is computed (x [B, 1, d] out), for a last block
         whose other outputs nobody reads; self-attention only (a route needs every token).
         """
-        if last_only and isinstance(self.attn, PathwayAttention):
+        if last_only and self.routed:
             raise ValueError("last_only needs self-attention: the router reads every token")
         xq = x[:, -1:] if last_only else x  # the positions whose output is computed
         if self.norm == "post":

@@ -35,25 +35,23 @@ Decisions where the paper is silent (spec, "Decisions the paper leaves open"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from retr.errors import ConfigError
-
-if TYPE_CHECKING:
-    from retr.models.layers import MultiHeadAttention
+from retr.models.layers import MultiHeadAttention
 
 
 @dataclass(frozen=True)
 class RouterOptions:
     """The router switches shared by every model that can use pathway attention.
 
-    Model configs repeat these fields (so TOML sees one flat table) and build this object with
-    ``RouterOptions.from_config``; the meaning of each field is documented there and here.
+    Model configs hold one as their ``pathway`` field; in TOML and config.json its keys sit
+    flat in the ``[model]`` table (``model.router = "random"``), as they always have.
     """
 
     router: str = "learned"  # "learned" (the paper) | "random" (ablation: no learned router)
@@ -79,11 +77,6 @@ class RouterOptions:
             raise ConfigError(f"model.tau must be > 0, got {self.tau}")
         if self.router_hidden < 1:
             raise ConfigError(f"model.router_hidden must be >= 1, got {self.router_hidden}")
-
-    @classmethod
-    def from_config(cls, config: object) -> RouterOptions:
-        """Read the router fields of a model config (which repeats them under the same names)."""
-        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
 
 def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
@@ -153,6 +146,10 @@ class PathwayRouter(nn.Module):
             assert isinstance(last, nn.Linear)
             nn.init.constant_(last.bias, 1.0)
 
+    def init_with_host(self) -> None:
+        """The host model's ``init_weights`` re-draws the router's own initialisation."""
+        self.reset_parameters()
+
     def forward(self, z: torch.Tensor, route_prev: torch.Tensor,
                 real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z [B, N, d], route_prev R^{l-1} [B, N] (0/1), real [B, N] -> (R^l, α) each [B, N]."""
@@ -194,6 +191,8 @@ class PathwayAttention(nn.Module):
     only change is that an off-route token's query is built from the zero vector.
     """
 
+    routed: ClassVar[bool] = True  # TransformerBlock passes the route in and takes R^l back
+
     def __init__(self, attention: MultiHeadAttention, router: PathwayRouter) -> None:
         super().__init__()
         self.attention = attention
@@ -207,3 +206,13 @@ class PathwayAttention(nn.Module):
         routed = route.unsqueeze(-1) * query_in  # [B, N, d] R^l ⊙ Z
         out, weights = self.attention(routed, kv_in, real, output_attentions)  # [B, N, d]
         return out, weights, route, keep_prob
+
+
+def attention_module(dim: int, heads: int, dropout: float, causal: bool, out_proj: bool,
+                     pathway: RouterOptions | None) -> nn.Module:
+    """A block's attention: multi-head self-attention, or pathway attention around it when
+    ``pathway`` options are given (the host model's other choices stay the same)."""
+    attention = MultiHeadAttention(dim, heads, dropout, causal, out_proj)
+    if pathway is None:
+        return attention
+    return PathwayAttention(attention, PathwayRouter(dim, pathway))

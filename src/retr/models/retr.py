@@ -18,7 +18,7 @@ learns much faster than Glorot layers or unit-norm item vectors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -34,7 +34,7 @@ from retr.models.layers import (
     collect_output,
     init_weights,
 )
-from retr.models.pathway import RouterOptions
+from retr.models.pathway import RouterOptions, attention_module
 
 
 @dataclass
@@ -47,14 +47,10 @@ class RETRConfig:
     max_len: int = 200  # N (paper: 200 on MovieLens-1M, 100 elsewhere)
     ffn_size: int = 256  # FFN inner width (paper silent; = d as in SASRec)
     dropout: float = 0.2  # embedding, attention-weight and residual dropout (paper silent)
-    router: str = "learned"  # "learned" | "random" (ablation "w/o router": random keep/drop)
-    random_keep_prob: float = 0.5  # keep probability of the random router
-    hierarchical: bool = True  # R^l = R̂^l ⊙ R^{l-1}; False = ablation "w/o hierarchical"
-    gumbel: str = "adaptive"  # "adaptive" (learned ω) | "fixed" (standard Gumbel-Softmax)
-    tau: float = 1.0  # τ of the fixed Gumbel-Softmax (paper's ablation: 0.2 ... 2)
-    pooling: str = "causal"  # router pool: "causal" prefix (ours) | "global" (paper, leaks)
-    inference_route: str = "deterministic"  # "deterministic" | "sample" (for analysis)
-    router_hidden: int = 64  # hidden width of the router MLPs (keeps the router light)
+    # the router switches (pathway.py), flat keys of [model]: router, random_keep_prob,
+    # hierarchical, gumbel, tau, pooling ("causal" is ours; "global" is the paper's and leaks
+    # the future), inference_route, router_hidden
+    pathway: RouterOptions = field(default_factory=RouterOptions)
     init_std: float = 0.02  # std of the truncated-normal initialisation (paper silent)
 
     def __post_init__(self) -> None:
@@ -66,7 +62,6 @@ class RETRConfig:
                               f"model.num_heads ({self.num_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        RouterOptions.from_config(self)  # validates the router switches
 
 
 class RETR(SequentialRecommender):
@@ -82,14 +77,14 @@ class RETR(SequentialRecommender):
         self.n_items = n_items
         self.max_len = cfg.max_len
         d = cfg.hidden_size
-        router = RouterOptions.from_config(cfg)
         self.item_embedding = ItemEmbedding(n_items, d, std=cfg.init_std)  # E
         self.position = PositionalEmbedding(cfg.max_len, d)  # P
         self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(d, cfg.num_heads, cfg.ffn_size, cfg.dropout, causal=True,
-                             attention="pathway", norm="post", activation="relu",
-                             out_proj=False, eps=1e-8, router=router)
+            TransformerBlock(attention_module(d, cfg.num_heads, cfg.dropout, causal=True,
+                                              out_proj=False, pathway=cfg.pathway),
+                             d, cfg.ffn_size, cfg.dropout, norm="post", activation="relu",
+                             eps=1e-8)
             for _ in range(cfg.num_layers))
         init_weights(self, "normal", cfg.init_std)
 

@@ -17,7 +17,7 @@ by default.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -33,7 +33,7 @@ from retr.models.layers import (
     collect_output,
     init_weights,
 )
-from retr.models.pathway import RouterOptions
+from retr.models.pathway import RouterOptions, attention_module
 
 
 @dataclass
@@ -46,14 +46,8 @@ class SASRecConfig:
     max_len: int = 200  # N (paper: 200 on MovieLens-1M, 50 on sparse data)
     dropout: float = 0.2  # (paper: 0.2 on MovieLens-1M, 0.5 on sparse data)
     attention: str = "self"  # "self" (SASRec) | "pathway" (SASRec + pathway attention)
-    router: str = "learned"  # pathway only: "learned" | "random"
-    random_keep_prob: float = 0.5  # pathway only: keep probability of the random router
-    hierarchical: bool = True  # pathway only: R^l = R̂^l ⊙ R^{l-1}
-    gumbel: str = "adaptive"  # pathway only: "adaptive" (learned ω) | "fixed" (τ)
-    tau: float = 1.0  # pathway only: τ of the fixed Gumbel-Softmax
-    pooling: str = "causal"  # pathway only: "causal" prefix pool | "global" (leaks the future)
-    inference_route: str = "deterministic"  # pathway only: "deterministic" | "sample"
-    router_hidden: int = 64  # pathway only: hidden width of the router MLPs
+    # pathway only: the router switches (pathway.py), flat keys of [model] as in RETR
+    pathway: RouterOptions = field(default_factory=RouterOptions)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_heads", "num_layers", "max_len"):
@@ -66,7 +60,6 @@ class SASRecConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.attention not in ("self", "pathway"):
             raise ConfigError(f"model.attention must be 'self' or 'pathway', got {self.attention!r}")
-        RouterOptions.from_config(self)
 
 
 class SASRec(SequentialRecommender):
@@ -85,10 +78,11 @@ class SASRec(SequentialRecommender):
         self.item_embedding = ItemEmbedding(n_items, d, init="xavier")
         self.position = PositionalEmbedding(cfg.max_len, d)
         self.dropout = Dropout(cfg.dropout)
+        pathway = cfg.pathway if cfg.attention == "pathway" else None
         self.blocks = nn.ModuleList(
-            TransformerBlock(d, cfg.num_heads, d, cfg.dropout, causal=True,
-                             attention=cfg.attention, norm="pre", activation="relu",
-                             out_proj=False, eps=1e-8, router=RouterOptions.from_config(cfg))
+            TransformerBlock(attention_module(d, cfg.num_heads, cfg.dropout, causal=True,
+                                              out_proj=False, pathway=pathway),
+                             d, d, cfg.dropout, norm="pre", activation="relu", eps=1e-8)
             for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(d, eps=1e-8)
         init_weights(self, "xavier")

@@ -9,9 +9,6 @@ from retr.serving.recommender import (
     Recommendation,
     Recommender,
     UnknownItemError,
-    load_item_counts,
-    save_item_counts,
 )
 
-__all__ = ["EmptyHistoryError", "Recommendation", "Recommender", "UnknownItemError",
-           "load_item_counts", "save_item_counts"]
+__all__ = ["EmptyHistoryError", "Recommendation", "Recommender", "UnknownItemError"]

@@ -2,8 +2,8 @@
 
 ``register(subparsers)`` adds them to the ``retr`` parser; each parser carries its handler in
 ``args.handler`` (also in :data:`COMMANDS`), which returns an exit code and raises
-:class:`retr.errors.RetrError` for user errors. Heavy imports happen inside the handlers so
-``retr --help`` stays fast.
+:class:`retr.errors.RetrError` for user errors. The optional packages (fastapi/uvicorn,
+onnx/onnxruntime, matplotlib) are imported only when a command needs them.
 """
 
 from __future__ import annotations
@@ -15,15 +15,20 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
 from retr.data.readers import iter_json_objects
 from retr.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from retr.serving.recommender import Recommender
+from retr.explain.pathway import draw_pathway, explain_history
+from retr.explain.titles import item_titles
+from retr.serving.export import RTOL, export_onnx
+from retr.serving.http import serve
+from retr.serving.recommender import EmptyHistoryError, Recommender
+from retr.utils import atomic_write, atomic_write_json, atomic_write_text, progress_bars
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -121,15 +126,11 @@ def register(subparsers: Any) -> None:
 
 
 def _load(args: argparse.Namespace) -> Recommender:
-    from retr.serving.recommender import Recommender
-
     return Recommender.load(args.run_dir, device=args.device, unknown=args.unknown,
                             empty=args.empty)
 
 
 def _titles(rec: Recommender, data_dir: str | None) -> dict[str, str]:
-    from retr.explain.titles import item_titles
-
     return item_titles(rec.config.data.source if rec.config else None, data_dir)
 
 
@@ -198,8 +199,6 @@ def _format_of(path: str, fmt: str | None) -> str:
 
 
 def _read_frame(path: str, fmt: str) -> pd.DataFrame:
-    import pandas as pd
-
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file")
     try:
@@ -216,8 +215,6 @@ def _read_frame(path: str, fmt: str) -> pd.DataFrame:
 
 def _read_jsonl(path: str) -> pd.DataFrame:
     """JSON lines as they are: no type or date guessing on ids and timestamps."""
-    import pandas as pd
-
     return pd.DataFrame.from_records(list(iter_json_objects(path)))
 
 
@@ -296,8 +293,6 @@ def read_histories(path: str, fmt: str | None = None, history_col: str | None = 
     assert user is not None and item is not None
     frame = frame.assign(_row=range(len(frame)))
     if time is not None:
-        import pandas as pd
-
         stamps = pd.to_numeric(frame[time], errors="coerce")
         if stamps.isna().any():
             bad = int(stamps.isna().to_numpy().nonzero()[0][0])
@@ -317,10 +312,6 @@ def recommend_histories(rec: Recommender, ids: list[str], histories: list[list[s
                         exclude_seen: bool = True, candidates: list[str] | None = None,
                         where: str = "input", progress: bool = True) -> list[dict[str, Any]]:
     """Recommendations for many histories in model-sized batches, with a progress bar."""
-    from tqdm.auto import tqdm
-
-    from retr.serving.recommender import EmptyHistoryError
-
     for ident, history in zip(ids, histories, strict=True):
         enc = rec.encode(history, where=f"{where}: history {ident!r}")
         if not len(enc.ids) and rec.empty == "error":
@@ -328,7 +319,7 @@ def recommend_histories(rec: Recommender, ids: list[str], histories: list[list[s
                                     "popularity for a popularity fallback)")
     rows: list[dict[str, Any]] = []
     step = rec.batch_size
-    with tqdm(total=len(histories), desc="recommend", unit="history", disable=not progress,
+    with tqdm(total=len(histories), desc="recommend", unit="history", disable=not progress_bars(progress),
               leave=False) as bar:
         for start in range(0, len(histories), step):
             chunk = histories[start:start + step]
@@ -344,14 +335,9 @@ def recommend_histories(rec: Recommender, ids: list[str], histories: list[list[s
 
 def write_recommendations(rows: list[dict[str, Any]], path: str) -> None:
     """JSONL and Parquet keep lists; CSV/TSV cells hold them as JSON lists."""
-    import pandas as pd
-
-    from retr.utils import atomic_write
 
     fmt = _format_of(path, None)
     if fmt == "jsonl":
-        from retr.utils import atomic_write_text
-
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         return
     frame = pd.DataFrame(rows, columns=["id", "items", "scores", "truncated", "used_history",
@@ -367,8 +353,6 @@ def write_recommendations(rows: list[dict[str, Any]], path: str) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Routes, keep probabilities and attention for one history: PNG, JSON, and a summary."""
-    from retr.explain.pathway import draw_pathway, explain_history
-
     _check_positive("-k", args.k)
     rec = _load(args)
     titles = {} if args.no_titles else _titles(rec, args.data_dir)
@@ -377,8 +361,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(json.dumps(explanation))
         return 0
     if args.json_out:
-        from retr.utils import atomic_write_json
-
         atomic_write_json(args.json_out, explanation)
     if args.out:
         draw_pathway(explanation, args.out)
@@ -402,8 +384,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """ONNX export and its parity check; exit 1 when the check exceeds the tolerance."""
-    from retr.serving.export import RTOL, export_onnx
-    from retr.serving.recommender import Recommender
 
     rec = Recommender.load(args.run_dir)
     report = export_onnx(rec, args.out, opset=args.opset, check=not args.no_check)
@@ -420,15 +400,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP API until interrupted."""
-    from retr.serving.http import serve
-
     for name in ("port", "max_batch", "max_body_bytes", "limit_concurrency"):
         _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     rec = _load(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -24,6 +24,7 @@ from torch import nn
 
 from retr.errors import RetrError
 from retr.models.base import SequentialRecommender
+from retr.models.pathway import PathwayRouter
 from retr.serving.recommender import Recommender
 
 RTOL = 1e-4  # tolerance: max |onnx - torch| <= RTOL * max(1, max |torch score|)
@@ -72,9 +73,9 @@ def _quiet_torch() -> Iterator[None]:
 
 
 def _stochastic(model: SequentialRecommender) -> bool:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "router", "learned") == "random" or \
-        getattr(cfg, "inference_route", "deterministic") == "sample"
+    """Whether a router of the model draws its route at inference."""
+    return any(m.options.router == "random" or m.options.inference_route == "sample"
+               for m in model.modules() if isinstance(m, PathwayRouter))
 
 
 def sample_inputs(recommender: Recommender, batch: int, seed: int = 0) -> torch.Tensor:

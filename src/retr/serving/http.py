@@ -13,7 +13,9 @@ and pydantic read the request models, which are built per app from its limits, a
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any, Literal
 
+from retr import __version__
 from retr.errors import RetrError
+from retr.explain.pathway import explain_history
 from retr.serving.recommender import Recommender
 
 Scope = MutableMapping[str, Any]
@@ -119,9 +121,6 @@ def create_app(recommender: Recommender, max_batch: int = DEFAULT_MAX_BATCH,
     except ImportError:
         raise RetrError("the HTTP server needs fastapi and uvicorn: "
                         "pip install fastapi uvicorn") from None
-    from retr import __version__
-    from retr.explain.pathway import explain_history
-
     item_id = Annotated[str, PlainValidator(_item_id, json_schema_input_type=str | int)]
     history_t = Annotated[list[item_id], Field(max_length=max_history, description=(
         "external item ids, oldest first; integers are read as their decimal string"))]

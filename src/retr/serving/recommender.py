@@ -19,19 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from retr.config import RunConfig
+from retr.config import RunConfig, flat_dict
 from retr.data.dataset import Vocabulary
 from retr.errors import RetrError, RunDirError
 from retr.evaluation.ranking import states_of, topk_items
+from retr.models import build_run_model
 from retr.models.base import SequentialRecommender
 from retr.models.pop import Pop
-from retr.text.transfer import build_run_model
-from retr.training.checkpoint import load_array, load_weights, save_array
+from retr.runs import ITEM_COUNTS_FILE, load_config, load_item_counts
+from retr.training.checkpoint import load_weights
 from retr.utils import read_json
 
 UNKNOWN_POLICIES = ("skip", "error")
 EMPTY_POLICIES = ("error", "popularity")
-ITEM_COUNTS_FILE = "item_counts.npy"
 
 
 class RequestError(RetrError):
@@ -44,30 +44,6 @@ class UnknownItemError(RequestError):
 
 class EmptyHistoryError(RequestError):
     """No known item is left in a history, under the ``empty="error"`` policy."""
-
-
-def save_item_counts(run_dir: str | Path, counts: np.ndarray) -> None:
-    """Store training-input item counts [n_items + 1] so the popularity fallback needs no data.
-
-    The trainer calls it with ``split.train_item_counts(dataset)``: the same counts that the
-    ``pop`` baseline is fitted on, so the fallback never sees validation or test items.
-    """
-    counts = np.asarray(counts)
-    if counts.ndim != 1 or len(counts) < 1 or (counts < 0).any():
-        raise ValueError("item counts must be a non-negative vector [n_items + 1]")
-    save_array(Path(run_dir) / ITEM_COUNTS_FILE, counts.astype(np.int64))
-
-
-def load_item_counts(run_dir: str | Path, n_items: int) -> np.ndarray | None:
-    """The run's stored item counts, or None when the run has none."""
-    path = Path(run_dir) / ITEM_COUNTS_FILE
-    if not path.is_file():
-        return None
-    counts = load_array(path)
-    if counts.shape != (n_items + 1,):
-        raise RunDirError(f"{path}: holds {counts.shape} counts, the vocabulary needs "
-                          f"({n_items + 1},); the file does not belong to this run")
-    return counts
 
 
 @dataclass
@@ -171,8 +147,6 @@ class Recommender:
     def load(cls, run_dir: str | Path, device: str = "cpu", unknown: str = "skip",
              empty: str = "error", weights: str = "model.safetensors") -> Recommender:
         """Load a run directory's selected weights; the training data is not needed."""
-        from retr.runs import load_config
-
         run_dir = Path(run_dir)
         cfg = load_config(run_dir)
         vocab = Vocabulary.load(run_dir / "vocab.json")
@@ -255,11 +229,6 @@ class Recommender:
             if len(tail):
                 out[row, n - len(tail):] = tail
         return torch.from_numpy(out).to(self.device)
-
-    @torch.no_grad()
-    def user_states(self, encoded: Sequence[EncodedHistory]) -> torch.Tensor:
-        """[B, d] next-item states, exactly as evaluation computes them."""
-        return states_of(self.model, self.padded(encoded))
 
     def _candidates(self, candidates: object, unknown: str | None) -> tuple[torch.Tensor | None, list[str]]:
         if candidates is None:
@@ -355,7 +324,7 @@ class Recommender:
         if self.config is not None:
             info["seed"] = self.config.seed
             info["split"] = self.config.split.kind
-            info["model_config"] = asdict(self.config.model)
+            info["model_config"] = flat_dict(self.config.model)
         if self.results is not None:
             info["results"] = self.results.get("results", [])
             info["data_fingerprint"] = self.results.get("data_fingerprint")

@@ -16,12 +16,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from retr.cli_args import add_config_args, resolve_args
+from retr.data.load import load_dataset
 from retr.errors import ConfigError
+from retr.evaluation.report import results_table, run_results_rows
+from retr.models import build_run_model
+from retr.runs import load_config, train
+from retr.text.transfer import finetune_config, load_pretrained, read_weights
+from retr.utils import log
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from retr.cli import add_config_args
-
     p.add_argument("--out", help="run directory to create")
     add_config_args(p)
 
@@ -53,8 +58,6 @@ def register(subparsers: Any) -> None:
 
 
 def _print_results(results: dict[str, Any], run_dir: Path, as_json: bool) -> None:
-    from retr.evaluation.report import results_table, run_results_rows
-
     if as_json:
         print(json.dumps(results, indent=2))
     else:
@@ -72,67 +75,22 @@ def _new_run_dir(out: str | None, command: str) -> Path:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from retr.cli import _log, _resolve
-    from retr.data.load import load_dataset
-    from retr.training.trainer import train
-
     run_dir = _new_run_dir(args.out, "pretrain")
     sets = []
     if args.data:
         sets += [f"data.domains={json.dumps(args.data)}", f"data.source={json.dumps('+'.join(args.data))}"]
     sets += list(args.set) + ['item_repr.kind="text"', "item_repr.id_embedding=false"]
-    cfg = _resolve(argparse.Namespace(**{**vars(args), "data": None, "set": sets}))
+    cfg = resolve_args(argparse.Namespace(**{**vars(args), "data": None, "set": sets}))
     if not cfg.data.domains:
         raise ConfigError("retr pretrain: name the source domains with --data A --data B (or "
                           "data.domains in the config)")
     dataset = load_dataset(cfg.data)
-    results = train(cfg, dataset, run_dir, log=_log)
+    results = train(cfg, dataset, run_dir, log=log)
     _print_results(results, run_dir, args.json)
     return 0
 
 
-def finetune_config(pretrained: Path, target: str, *, keep_text: bool = True,
-                    use_id: bool = True, freeze: bool = False, zero_shot: bool = False,
-                    config_file: str | None = None, overrides: list[str] | None = None,
-                    seed: int | None = None) -> Any:
-    """The fine-tuning run's config: the pre-training one, moved to ``target``.
-
-    Model, train and eval settings carry over (the architecture must, for the weights to fit);
-    the data section keeps its preprocessing with ``target`` as the only source; then the
-    config file and ``--set`` overrides apply.
-    """
-    from retr.config import load_toml, merge_dicts, resolve_config
-    from retr.runs import load_config
-
-    raw = load_config(pretrained).to_dict()
-    raw.pop("format_version", None)
-    raw["data"] = {**raw["data"], "source": target, "domains": []}
-    if zero_shot and not keep_text:
-        raise ConfigError("--zero-shot evaluates the text-only pre-trained model; it cannot be "
-                          "combined with --no-text")
-    use_id = use_id and not zero_shot  # untrained ID vectors would only add noise
-    raw["item_repr"] = {**raw["item_repr"], "kind": "text" if keep_text else "id",
-                        "id_embedding": bool(keep_text and use_id), "freeze_backbone": freeze,
-                        "pretrained_from": str(pretrained), "zero_shot": zero_shot}
-    if seed is not None:
-        raw["seed"] = seed
-    if config_file:
-        raw = merge_dicts(raw, load_toml(config_file))
-    cfg = resolve_config(None, overrides or [], base=raw)
-    pre_name = raw["model"]["name"]
-    if cfg.model_name != pre_name:
-        raise ConfigError(f"fine-tuning keeps the pre-trained model ({pre_name}); got "
-                          f"{cfg.model_name}")
-    return cfg
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from retr.cli import _log
-    from retr.data.load import load_dataset
-    from retr.runs import load_config
-    from retr.text.transfer import build_run_model, load_pretrained, read_weights
-    from retr.training.trainer import train
-
     pretrained = Path(args.pretrained)
     pre_cfg = load_config(pretrained)
     if args.keep_text and pre_cfg.item_repr.kind != "text":
@@ -148,10 +106,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                              str(pretrained))
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    _log(f"from {pretrained}: {len(report['loaded'])} tensors loaded, {len(report['fresh'])} "
+    log(f"from {pretrained}: {len(report['loaded'])} tensors loaded, {len(report['fresh'])} "
          f"item-specific ones fresh, {len(report['unused'])} unused; {frozen:,} of {total:,} "
          "parameters frozen")
-    results = train(cfg, dataset, run_dir, log=_log, model=model, fit=not args.zero_shot)
+    if args.quiet:
+        cfg.train.progress = False
+    results = train(cfg, dataset, run_dir, log=log, model=model, fit_model=not args.zero_shot)
     _print_results(results, run_dir, args.json)
     return 0
 

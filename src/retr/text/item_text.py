@@ -38,7 +38,10 @@ from pathlib import Path
 from typing import IO
 
 from retr.config import DataConfig
+from retr.data import registry
+from retr.data.multidomain import domain_labels, split_external
 from retr.data.readers import iter_json_objects
+from retr.data.synthetic import parse_synthetic_spec, theme_structure
 from retr.errors import ConfigError, DataError
 
 MAX_CHARS = 2000
@@ -188,8 +191,6 @@ def _musical_instruments(root: Path) -> dict[str, str]:
 
 def synthetic_texts(spec: str) -> dict[str, str]:
     """Texts of a synthetic spec's items: the theme's word and the item number."""
-    from retr.data.synthetic import parse_synthetic_spec, theme_structure
-
     config = parse_synthetic_spec(spec)
     st = theme_structure(config)
     out = {}
@@ -236,8 +237,6 @@ def item_titles(source: str | None, data_dir: str | Path | None = None) -> dict[
     """
     if not source or _is_synthetic(source):
         return {}
-    from retr.data import registry
-
     if not registry.is_registered(source):
         return {}
     try:
@@ -261,8 +260,6 @@ def source_texts(source: str, data_dir: str | Path | None = None) -> dict[str, s
     """External item id -> text of every item a source describes; a clear error when it has none."""
     if _is_synthetic(source):
         return synthetic_texts(source)
-    from retr.data import registry
-
     hint = ("datasets with item text: " + ", ".join(TEXT_DATASETS) + "; for other data give "
             "item_repr.text_file (CSV/TSV/JSONL with item_id and text columns)")
     if not registry.is_registered(source):
@@ -333,8 +330,6 @@ def item_texts_by_domain(data: DataConfig, items: list[str], missing: str = "err
     if text_file:
         raise ConfigError("item_repr.text_file gives the texts of one dataset; it cannot be used "
                           "with data.domains (each domain brings its own text)")
-    from retr.data.multidomain import domain_labels, split_external
-
     sources = dict(zip(domain_labels(data), data.domains, strict=True))
     by_label: dict[str, list[tuple[int, str]]] = {}
     for position, item in enumerate(items):

@@ -1,10 +1,9 @@
-"""One way to build a run's model, whatever its item representation, and cross-domain transfer.
+"""Item text as the item representation, and cross-domain transfer.
 
-:func:`build_run_model` is what training, ``load_run`` and ``Recommender.load`` call: it builds
-``cfg.model_name`` with :func:`retr.models.build_model` and, for ``item_repr.kind = "text"``,
-replaces its item module by a :class:`~retr.models.item_text.TextItemEmbedding` (no model file
-knows about it). Given the dataset, the text vectors are encoded (or read from the cache);
-without it they start at zero and come back with the weights (they are a buffer).
+Importing this module registers the "text" item module with :mod:`retr.models`, so
+:func:`retr.models.build_run_model` can replace a model's item module by a
+:class:`~retr.models.item_text.TextItemEmbedding` when ``item_repr.kind = "text"`` (no model
+file knows about it).
 
 Transfer (``retr finetune``): every tensor of the target model whose shape does not depend on
 the number of items (blocks, positions, routers, norms, the text adaptor, special tokens) is
@@ -24,17 +23,17 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
-from retr.config import RunConfig
+from retr.config import RunConfig, load_toml, merge_dicts, resolve_config
 from retr.data.dataset import SequenceDataset
 from retr.errors import ConfigError, RunDirError
-from retr.models import build_model
+from retr.models import item_specific_keys, register_item_module
 from retr.models.base import SequentialRecommender
 from retr.models.item_text import text_item_module
+from retr.runs import load_config
 from retr.text.encoder import encode_cached, encoder_dim, make_encoder
 from retr.text.item_text import item_texts_by_domain
-
-ITEM_MODULE = "item_embedding"
 
 
 def text_vectors(cfg: RunConfig, dataset: SequenceDataset) -> torch.Tensor:
@@ -48,60 +47,20 @@ def text_vectors(cfg: RunConfig, dataset: SequenceDataset) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _build(cfg: RunConfig, n_items: int, vectors: torch.Tensor | None) -> SequentialRecommender:
-    model = build_model(cfg.model_name, n_items, cfg.model)
-    ir = cfg.item_repr
-    if ir.kind == "text":
-        old = getattr(model, ITEM_MODULE, None)
-        if old is None:
-            raise ConfigError(f"model {cfg.model_name!r} has no item representation to replace; "
-                              "item_repr.kind = 'text' needs retr, sasrec, bert4rec or gru4rec")
-        module = text_item_module(old, vectors, encoder_dim(ir.encoder, ir.hash_dim), ir.experts,
-                                  ir.adaptor_dropout, ir.gate_noise, ir.id_embedding)
-        setattr(model, ITEM_MODULE, module)
-    return model
+def text_item_embedding(old: nn.Module, cfg: RunConfig,
+                        dataset: SequenceDataset | None) -> nn.Module:
+    """The "text" item module: fixed text vectors of the items through a learned adaptor.
 
-
-def item_specific_keys(cfg: RunConfig) -> set[str]:
-    """State-dict keys whose shape depends on the number of items (never transferred)."""
-    with torch.random.fork_rng(devices=[]):  # the probes must not move the global RNG
-        small, large = (_build(cfg, n, None).state_dict() for n in (2, 3))
-    keys = set(small) | set(large)
-    return {k for k in keys if k not in small or k not in large or small[k].shape != large[k].shape}
-
-
-def backbone_parameters(model: SequentialRecommender, cfg: RunConfig) -> list[str]:
-    """Names of the parameters frozen by ``freeze_backbone``: shared ones outside the item module."""
-    specific = item_specific_keys(cfg)
-    return [name for name, _ in model.named_parameters()
-            if name not in specific and not name.startswith(ITEM_MODULE + ".")]
-
-
-def freeze_backbone(model: SequentialRecommender, cfg: RunConfig) -> list[str]:
-    """Set ``requires_grad = False`` on the backbone; returns the frozen names."""
-    names = set(backbone_parameters(model, cfg))
-    for name, param in model.named_parameters():
-        if name in names:
-            param.requires_grad_(False)
-    return sorted(names)
-
-
-def build_run_model(cfg: RunConfig, n_items: int,
-                    dataset: SequenceDataset | None = None) -> SequentialRecommender:
-    """The model of a run: ``cfg.model_name`` with the item module ``cfg.item_repr`` asks for.
-
-    With ``dataset`` (training) text vectors are encoded from the dataset's item texts; without
-    it (loading a run) they are zeros until the run's weights are loaded.
+    Given the dataset, the vectors are encoded (or read from the cache); without it they start
+    at zero and come back with the run's weights (they are a buffer).
     """
-    if dataset is not None and dataset.n_items != n_items:
-        raise ValueError(f"dataset has {dataset.n_items} items, n_items is {n_items}")
-    vectors = None
-    if cfg.item_repr.kind == "text" and dataset is not None:
-        vectors = text_vectors(cfg, dataset)
-    model = _build(cfg, n_items, vectors)
-    if cfg.item_repr.freeze_backbone:
-        freeze_backbone(model, cfg)
-    return model
+    ir = cfg.item_repr
+    vectors = text_vectors(cfg, dataset) if dataset is not None else None
+    return text_item_module(old, vectors, encoder_dim(ir.encoder, ir.hash_dim), ir.experts,
+                            ir.adaptor_dropout, ir.gate_noise, ir.id_embedding)
+
+
+register_item_module("text", text_item_embedding)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -144,3 +103,35 @@ def load_pretrained(model: SequentialRecommender, cfg: RunConfig,
     model.load_state_dict(loaded, strict=False)
     return {"loaded": sorted(loaded), "fresh": sorted(k for k in target if k in specific),
             "unused": sorted(k for k in state if k not in target or k in specific)}
+
+
+def finetune_config(pretrained: Path, target: str, *, keep_text: bool = True,
+                    use_id: bool = True, freeze: bool = False, zero_shot: bool = False,
+                    config_file: str | None = None, overrides: list[str] | None = None,
+                    seed: int | None = None) -> RunConfig:
+    """The fine-tuning run's config: the pre-training one, moved to ``target``.
+
+    Model, train and eval settings carry over (the architecture must, for the weights to fit);
+    the data section keeps its preprocessing with ``target`` as the only source; then the
+    config file and ``--set`` overrides apply.
+    """
+    raw = load_config(pretrained).to_dict()
+    raw.pop("format_version", None)
+    raw["data"] = {**raw["data"], "source": target, "domains": []}
+    if zero_shot and not keep_text:
+        raise ConfigError("--zero-shot evaluates the text-only pre-trained model; it cannot be "
+                          "combined with --no-text")
+    use_id = use_id and not zero_shot  # untrained ID vectors would only add noise
+    raw["item_repr"] = {**raw["item_repr"], "kind": "text" if keep_text else "id",
+                        "id_embedding": bool(keep_text and use_id), "freeze_backbone": freeze,
+                        "pretrained_from": str(pretrained), "zero_shot": zero_shot}
+    if seed is not None:
+        raw["seed"] = seed
+    if config_file:
+        raw = merge_dicts(raw, load_toml(config_file))
+    cfg = resolve_config(None, overrides or [], base=raw)
+    pre_name = raw["model"]["name"]
+    if cfg.model_name != pre_name:
+        raise ConfigError(f"fine-tuning keeps the pre-trained model ({pre_name}); got "
+                          f"{cfg.model_name}")
+    return cfg

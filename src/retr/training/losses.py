@@ -12,9 +12,9 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from retr.models.base import SequentialRecommender, autocast_dtype
-
-LOSSES = ("bpr", "bce", "ce", "sampled_softmax", "gbce")
+from retr.config import LOSSES
+from retr.models.base import SequentialRecommender
+from retr.models.kernels import autocast_dtype
 
 
 def uniform_negatives(targets: torch.Tensor, n: int, n_items: int, gen: torch.Generator) -> torch.Tensor:
