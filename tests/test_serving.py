@@ -16,6 +16,7 @@ from torch import nn
 
 from retr.cli import main
 from retr.data.dataset import Vocabulary
+from retr.data.histories import read_histories
 from retr.errors import DataError, RetrError, RunDirError
 from retr.evaluation.ranking import history_pairs, topk_items, user_states
 from retr.models.base import ModelOutput, SequentialRecommender
@@ -25,7 +26,7 @@ from retr.serving import (
     Recommender,
     UnknownItemError,
 )
-from retr.serving.commands import read_histories, register
+from retr.serving.commands import register
 from retr.serving.recommender import RequestError
 
 TINY = "synthetic:n_users=150,n_items=150,n_themes=10,min_len=10,max_len=16,seed=1"
