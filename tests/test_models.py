@@ -528,3 +528,60 @@ def test_dropout_keeps_each_value_with_probability_one_minus_p_and_rescales() ->
     assert drop.eval()(x) is x  # identity at inference
     with pytest.raises(ValueError, match="dropout must be in"):
         Dropout(1.0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_chunked_attention_equals_the_masked_softmax(causal: bool) -> None:
+    """Chunks of queries, log-sum-exp kept, probabilities recomputed in the backward: the same
+    outputs and gradients as the [N, N] path, with left padding and fewer queries than keys."""
+    from retr.models.kernels import chunked_attention
+
+    torch.manual_seed(0)
+    b, h, n, dh, nq = 3, 2, 11, 4, 7
+    real = torch.ones(b, n, dtype=torch.bool)
+    real[0, :4] = False  # left padding, some of it among the queries
+    real[2, :9] = False
+    qkv = [torch.randn(b, h, size, dh, requires_grad=True) for size in (nq, n, n)]
+    y = chunked_attention(*qkv, real, causal, chunk=3)
+    allowed = attention_mask(real, causal)[:, :, n - nq:]
+    ref = dropout_attention(*qkv, allowed, 0.0)
+    torch.testing.assert_close(y, ref)
+    grads = torch.autograd.grad((y * torch.arange(dh)).sum(), qkv)
+    ref_grads = torch.autograd.grad((ref * torch.arange(dh)).sum(), qkv)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
+
+
+def test_chunked_attention_gradient_with_dropout() -> None:
+    """With dropout the backward regenerates each chunk's mask from the seed (gradcheck)."""
+    from retr.models.kernels import chunked_attention
+
+    torch.manual_seed(1)
+    real = torch.tensor([[False, True, True, True, True, True], [True] * 6])
+    qkv = [torch.randn(2, 2, 6, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: chunked_attention(q, k, v, real, True, 0.3, seed=7, chunk=4), qkv)
+    a = chunked_attention(*qkv, real, True, 0.3, seed=7, chunk=4)
+    b = chunked_attention(*qkv, real, True, 0.3, seed=7, chunk=4)
+    c = chunked_attention(*qkv, real, True, 0.3, seed=8, chunk=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_long_windows_attend_in_chunks_with_the_same_result(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window over ATTENTION_CHUNK takes the chunked path: same states as the [N, N] path,
+    and still causal."""
+    import retr.models.layers as layers
+
+    torch.manual_seed(0)
+    model = build_model("sasrec", N_ITEMS, {"hidden_size": 16, "num_heads": 2, "max_len": 40,
+                                            "attention": "pathway"}).eval()
+    seqs = torch.randint(1, N_ITEMS + 1, (3, 40))
+    seqs[0, :25] = 0
+    monkeypatch.setattr(layers, "ATTENTION_CHUNK", 16)
+    chunked = model(seqs).hidden
+    later = seqs.clone()
+    later[:, 30:] = (later[:, 30:] % N_ITEMS) + 1
+    torch.testing.assert_close(model(later).hidden[:, :30], chunked[:, :30])
+    monkeypatch.setattr(layers, "ATTENTION_CHUNK", 10_000)
+    torch.testing.assert_close(model(seqs).hidden, chunked)

@@ -7,6 +7,7 @@ readable as equations, and lets the training loss ask which autocast dtype is in
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
@@ -90,3 +91,99 @@ def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed
     if 0 < p < 1 and q.device.type == "cpu" and autocast_dtype("cpu") is None:
         return cast(torch.Tensor, _DropoutAttention.apply(q, k, v, allowed, p))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+
+
+ATTENTION_CHUNK = 256  # on the CPU, windows longer than this attend in chunks of queries
+
+
+def _chunk_mask(real: torch.Tensor, causal: bool, rows: torch.Tensor) -> torch.Tensor:
+    """[B, 1, c, N] bool: which keys the queries at absolute positions ``rows`` [c] may read
+    (the rule of ``layers.attention_mask``, built for these rows only)."""
+    n = real.shape[1]  # the keys read (a causal chunk reads up to its last query)
+    keys = torch.arange(n, device=real.device)  # [N]
+    allowed = real[:, None, None, :]  # [B, 1, 1, N] real keys
+    if causal:
+        allowed = allowed & (keys[None, :] <= rows[:, None])  # [B, 1, c, N] k <= q
+    q_real = real[:, rows][:, None, :, None]  # [B, 1, c, 1]
+    eye = keys[None, :] == rows[:, None]  # [c, N]
+    return (q_real & allowed) | (~q_real & eye)
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """Dropout(Softmax(Q K^T / sqrt(d_h) | allowed)) V in chunks of ``chunk`` queries.
+
+    Neither pass ever holds more than [B, h, chunk, N] of scores: the forward keeps only the
+    log-sum-exp of each query's row [B, h, Nq], and the backward recomputes each chunk's
+    probabilities (and its dropout mask, from ``seed``) as flash attention does. Memory grows
+    linearly with the window N at a fixed chunk, for one more score matmul in the backward. A
+    causal chunk reads only the keys up to its last query (the masked future is never
+    computed: half the score work of the [N, N] path). The mask is built per chunk from
+    ``real`` [B, N] (never [B, N, N]).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor,
+                causal: bool, p: float, seed: int, chunk: int) -> torch.Tensor:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        gen = torch.Generator(device=q.device).manual_seed(seed) if p > 0 else None
+        y = torch.empty_like(q)  # [B, h, Nq, d/h]
+        lse = q.new_empty(q.shape[:3])  # [B, h, Nq]
+        for start, stop, keys, mask in _chunks(q, k, real, causal, chunk):
+            scores = torch.matmul(q[:, :, start:stop] * scale, k[:, :, :keys].transpose(-2, -1))
+            scores.masked_fill_(~mask, float("-inf"))  # [B, h, c, K]
+            row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, h, c, 1]
+            probs = scores.sub_(row_lse).exp_()  # [B, h, c, K]
+            if gen is not None:
+                keep = torch.rand(probs.shape, generator=gen, device=q.device) >= p
+                probs = probs.mul_(keep).mul_(1.0 / (1.0 - p))
+            y[:, :, start:stop] = torch.matmul(probs, v[:, :, :keys])
+            lse[:, :, start:stop] = row_lse.squeeze(-1)
+        ctx.save_for_backward(q, k, v, real, lse)
+        ctx.causal, ctx.p, ctx.seed, ctx.chunk, ctx.scale = causal, p, seed, chunk, scale
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, real, lse = ctx.saved_tensors
+        p, scale = ctx.p, ctx.scale
+        gen = torch.Generator(device=q.device).manual_seed(ctx.seed) if p > 0 else None
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for start, stop, keys, mask in _chunks(q, k, real, ctx.causal, ctx.chunk):
+            qc, dyc, kc, vc = q[:, :, start:stop], dy[:, :, start:stop], k[:, :, :keys], \
+                v[:, :, :keys]
+            scores = torch.matmul(qc * scale, kc.transpose(-2, -1))  # [B, h, c, K]
+            scores.masked_fill_(~mask, float("-inf"))
+            probs = scores.sub_(lse[:, :, start:stop, None]).exp_()  # [B, h, c, K]
+            dp = torch.matmul(dyc, vc.transpose(-2, -1))  # [B, h, c, K] dL/d(dropped probs)
+            if gen is not None:
+                keep = torch.rand(probs.shape, generator=gen, device=q.device) >= p
+                c = 1.0 / (1.0 - p)
+                dv[:, :, :keys] += torch.matmul((probs * keep).mul_(c).transpose(-2, -1), dyc)
+                dp.mul_(keep).mul_(c)
+            else:
+                dv[:, :, :keys] += torch.matmul(probs.transpose(-2, -1), dyc)
+            ds = dp.sub_((dp * probs).sum(dim=-1, keepdim=True)).mul_(probs)  # softmax backward
+            dq[:, :, start:stop] = torch.matmul(ds, kc).mul_(scale)
+            dk[:, :, :keys] += torch.matmul(ds.transpose(-2, -1), qc).mul_(scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _chunks(q: torch.Tensor, k: torch.Tensor, real: torch.Tensor, causal: bool,
+            chunk: int) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """(first query, end, keys read, mask [B, 1, c, keys]) per chunk of queries: the Nq queries
+    are the last Nq of the N key positions; a causal chunk reads keys up to its last query."""
+    nq, n = q.shape[2], k.shape[2]
+    for start in range(0, nq, chunk):
+        stop = min(start + chunk, nq)
+        keys = n - nq + stop if causal else n
+        rows = torch.arange(n - nq + start, n - nq + stop, device=q.device)  # absolute
+        yield start, stop, keys, _chunk_mask(real[:, :keys], causal, rows)
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor,
+                      causal: bool, p: float = 0.0, seed: int = 0,
+                      chunk: int = ATTENTION_CHUNK) -> torch.Tensor:
+    """Masked attention with dropout ``p`` on its weights, [B, h, Nq, d/h], in memory linear in
+    the window: the Nq queries are the last Nq of the N key positions, ``real`` [B, N] marks
+    real keys, and the dropout masks are drawn from ``seed``."""
+    return cast(torch.Tensor, _ChunkedAttention.apply(q, k, v, real, causal, p, seed, chunk))

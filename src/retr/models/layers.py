@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from retr.models.base import ModelOutput
-from retr.models.kernels import dropout, dropout_attention
+from retr.models.kernels import (
+    ATTENTION_CHUNK,
+    autocast_dtype,
+    chunked_attention,
+    dropout,
+    dropout_attention,
+)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
@@ -175,13 +181,19 @@ def attention_mask(real: torch.Tensor, causal: bool) -> torch.Tensor:
     return (q_real & allowed) | (~q_real & eye)  # [B, 1, N, N] (boolean ops: exportable)
 
 
+def _exporting() -> bool:
+    """Whether the model is being traced or compiled (ONNX export): one static graph then."""
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head scaled dot-product attention, queries and keys/values from separate inputs.
 
     head_m = Softmax(Q_m K_m^T / sqrt(d/h)) V_m, heads concatenated to d, then W_O when
     ``out_proj`` (BERT4Rec, the original Transformer); SASRec's official code and the RETR
-    spec concatenate without W_O. The fast path is ``dropout_attention``; explicit weights are
-    computed only when asked for.
+    spec concatenate without W_O. The fast path is ``dropout_attention``; on the CPU a window
+    longer than ``ATTENTION_CHUNK`` takes ``chunked_attention`` (memory linear in the window,
+    never an [N, N] mask or score matrix). Explicit weights are computed only when asked for.
     """
 
     def __init__(self, dim: int, heads: int, dropout: float, causal: bool,
@@ -210,10 +222,16 @@ class MultiHeadAttention(nn.Module):
         q = self.query(query_in).view(b, nq, h, dh).transpose(1, 2)  # [B, h, Nq, d/h]
         k = self.key(kv_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
         v = self.value(kv_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
-        allowed = attention_mask(real, self.causal)[:, :, n - nq:]  # [B, 1, Nq, N]
         q_real = real[:, n - nq:]  # [B, Nq]
         p = self.dropout if self.training else 0.0
         weights: torch.Tensor | None = None
+        if not output_attentions and n > ATTENTION_CHUNK and q.device.type == "cpu" and \
+                autocast_dtype("cpu") is None and not _exporting():
+            seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0  # global RNG
+            y = chunked_attention(q, k, v, real, self.causal, p, seed, ATTENTION_CHUNK)
+            y = y.transpose(1, 2).reshape(b, nq, d) * q_real.unsqueeze(-1)
+            return self.out(y), None
+        allowed = attention_mask(real, self.causal)[:, :, n - nq:]  # [B, 1, Nq, N]
         if output_attentions:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(dh)  # [B, h, Nq, N]
             probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, h, Nq, N]
