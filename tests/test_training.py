@@ -5,12 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from retr.cli import main
 from retr.config import resolve_config
 from retr.data.load import load_dataset
 from retr.errors import RunDirError
+from retr.models import build_model
 from retr.runs import load_run, train
 from retr.training.checkpoint import load_trainer_state
 
@@ -288,3 +290,95 @@ def test_fused_cross_entropy_under_bf16_autocast_matches_the_library_one():
     (rh,) = torch.autograd.grad(ref, [h])
     assert gh.dtype == h.dtype
     torch.testing.assert_close(gh, rh.float(), rtol=5e-2, atol=5e-3)
+
+
+def test_learning_rate_schedules() -> None:
+    from retr.config import TrainConfig
+    from retr.training.trainer import learning_rate
+
+    warm = TrainConfig(lr=1.0, warmup_steps=4, lr_schedule="cosine")
+    assert [learning_rate(warm, s, 104) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
+    assert learning_rate(warm, 54, 104) == pytest.approx(0.5)  # half way through the decay
+    assert learning_rate(warm, 104, 104) == pytest.approx(0.0, abs=1e-12)
+    linear = TrainConfig(lr=2.0, lr_schedule="linear")
+    assert [learning_rate(linear, s, 10) for s in (1, 5, 10)] == pytest.approx([1.8, 1.0, 0.0])
+    assert learning_rate(TrainConfig(lr=0.3), 7, 10) == 0.3
+
+
+def test_training_options_are_checked() -> None:
+    from retr.config import TrainConfig
+    from retr.errors import ConfigError
+
+    for bad, match in [({"optimizer": "sgd"}, "train.optimizer"),
+                       ({"lr_schedule": "step"}, "train.lr_schedule"),
+                       ({"warmup_steps": -1}, "warmup_steps"),
+                       ({"loss": "bpr", "label_smoothing": 0.1}, "full softmax"),
+                       ({"loss": "ce", "negative_sampler": "popularity"}, "sampled_softmax")]:
+        with pytest.raises(ConfigError, match=match):
+            TrainConfig(**bad)
+
+
+def test_label_smoothing_matches_torch() -> None:
+    from retr.training.losses import ce_loss
+
+    torch.manual_seed(0)
+    model = build_model("sasrec", 40, {"hidden_size": 8, "max_len": 5})
+    h = torch.randn(13, 8, requires_grad=True)
+    targets = torch.randint(1, 41, (13,))
+    gen = torch.Generator().manual_seed(0)
+    ours = ce_loss(model, h, targets, gen, smoothing=0.2)
+    logits = h @ model.item_representation(torch.arange(1, 41)).T
+    ref = F.cross_entropy(logits, targets - 1, label_smoothing=0.2)
+    torch.testing.assert_close(ours, ref)
+    g_ours = torch.autograd.grad(ours, h)[0]
+    g_ref = torch.autograd.grad(ref, h)[0]
+    torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_logq_correction_estimates_the_full_softmax() -> None:
+    """Negatives drawn by popularity: with the logQ correction the sampled partition sum is an
+    importance-sampling estimate of the full one, so the loss tends to its full-catalogue
+    limit log(a + Z - e^s_t) - log a, a = e^s_t / (n Q_t); without it, it is biased."""
+    from retr.training.losses import popularity_proposal, sampled_softmax_loss
+
+    torch.manual_seed(0)
+    n_items, n = 60, 4000
+    model = build_model("sasrec", n_items, {"hidden_size": 8, "max_len": 5})
+    h = torch.randn(32, 8)
+    targets = torch.randint(1, n_items + 1, (32,))
+    counts = np.concatenate([[0], np.geomspace(1000, 1, n_items)])  # a long tail
+    proposal = popularity_proposal(counts)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        scores = model.score_items(h, torch.arange(1, n_items + 1)).double()  # [P, I]
+        e_t = scores.gather(1, targets[:, None] - 1).exp().squeeze(1)
+        a = e_t / (n * proposal.double()[targets])
+        limit = float(((a + scores.exp().sum(1) - e_t).log() - a.log()).mean())
+        corrected = np.mean([float(sampled_softmax_loss(model, h, targets, gen, n, proposal))
+                             for _ in range(5)])
+        neg = torch.multinomial(proposal, n, replacement=True, generator=gen)
+        logits = torch.cat([model.score_candidates(h, targets[:, None]),
+                            model.score_items(h, neg).masked_fill(
+                                neg[None, :] == targets[:, None], float("-inf"))], dim=1)
+        uncorrected = float(F.cross_entropy(logits, torch.zeros_like(targets)))
+    assert abs(corrected - limit) < 0.02 * abs(limit)
+    assert abs(uncorrected - limit) > 10 * abs(corrected - limit)
+
+
+def test_resume_with_the_training_options_is_exact(tmp_path):
+    """AdamW, warm-up and popularity-sampled softmax resume bit-identically too (the
+    learning rate follows the step count; the proposal comes from the stored split)."""
+    options = ["train.optimizer='adamw'", "train.weight_decay=0.01", "train.warmup_steps=3",
+               "train.loss='sampled_softmax'", "train.negative_sampler='popularity'",
+               "train.negatives=20"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "--data", DATA, "--model", "sasrec", "--out", str(full),
+                 *_sets("sasrec", 3, options)]) == 0
+    assert main(["train", "--data", DATA, "--model", "sasrec", "--out", str(part),
+                 *_sets("sasrec", 2, options)]) == 0
+    cfg = json.loads((part / "config.json").read_text())
+    cfg["train"]["epochs"] = 3
+    (part / "config.json").write_text(json.dumps(cfg))
+    assert main(["train", "--resume", str(part)]) == 0
+    a, b = load_file(str(full / "last.safetensors")), load_file(str(part / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

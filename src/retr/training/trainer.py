@@ -39,7 +39,7 @@ from retr.training.checkpoint import (
     save_trainer_state,
     save_weights,
 )
-from retr.training.losses import compute_loss
+from retr.training.losses import compute_loss, popularity_proposal
 from retr.utils import atomic_write_text, progress_bars
 
 
@@ -76,8 +76,10 @@ def training_batch(model: SequentialRecommender, dataset: SequenceDataset, users
 
 
 def batch_loss(tc: TrainConfig, model: SequentialRecommender, forward: Any, inputs: torch.Tensor,
-               targets: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss, target mask) of one batch; ``forward`` is the model or its DDP wrapper.
+               targets: torch.Tensor, gen: torch.Generator,
+               proposal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, target mask) of one batch; ``forward`` is the model or its DDP wrapper, and
+    ``proposal`` the negative sampler's distribution (popularity; None = uniform).
 
     The rows run in ``train.length_groups`` groups of similar length, each trimmed to its
     longest history, and one loss is taken over every group's target positions: the mean over
@@ -100,7 +102,8 @@ def batch_loss(tc: TrainConfig, model: SequentialRecommender, forward: Any, inpu
                 states.append(forward(inputs[rows, n - width:]).hidden[part > 0])
                 labels.append(part[part > 0])
             hidden, target = torch.cat(states), torch.cat(labels)  # [P, d], [P]
-        loss = compute_loss(tc.loss, model, hidden, target, gen, tc.negatives, tc.gbce_t).float()
+        loss = compute_loss(tc.loss, model, hidden, target, gen, tc.negatives, tc.gbce_t,
+                            tc.label_smoothing, proposal).float()
     return loss, mask
 
 
@@ -171,17 +174,40 @@ class EpochStats:
         return self.sequences / max(self.seconds, 1e-9)
 
 
+def learning_rate(tc: TrainConfig, step: int, total: int) -> float:
+    """The learning rate of optimiser step ``step`` (1-based) of ``total``: linear warm-up over
+    ``warmup_steps``, then constant or a linear / cosine decay to 0 at ``total``."""
+    if step <= tc.warmup_steps:
+        return tc.lr * step / tc.warmup_steps
+    if tc.lr_schedule == "constant":
+        return tc.lr
+    done = (step - tc.warmup_steps) / max(total - tc.warmup_steps, 1)
+    done = min(done, 1.0)
+    if tc.lr_schedule == "linear":
+        return tc.lr * (1.0 - done)
+    return tc.lr * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def make_optimizer(model: SequentialRecommender, tc: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (the paper; weight decay as L2 in the gradient) or AdamW (decoupled)."""
+    kind = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    return kind(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+
+
 def train_epoch(model: SequentialRecommender, dataset: SequenceDataset, users: np.ndarray,
                 lengths: np.ndarray, optimizer: torch.optim.Optimizer, tc: TrainConfig, seed: int,
                 epoch: int, device: torch.device | None = None, forward: Any = None,
-                ctx: distributed.Context | None = None) -> EpochStats:
+                ctx: distributed.Context | None = None,
+                proposal: torch.Tensor | None = None) -> EpochStats:
     """One epoch over the training prefixes (``users[i]``'s first ``lengths[i]`` items).
 
     The order is a permutation drawn from (seed, epoch) and the batch randomness (negatives,
     cloze masks) a generator seeded from them too, so an epoch is the same whenever it runs.
     ``forward`` is the model or its DDP wrapper (``ctx`` the process group); both default to
-    single-process training. Raises :class:`TrainingDiverged` on a non-finite loss, before
-    the optimiser step that would spread it.
+    single-process training. A learning-rate schedule (``tc.lr_schedule``, ``warmup_steps``)
+    sets each step's rate from its global step number. ``proposal``: the distribution of
+    sampled-softmax negatives (None = uniform). Raises :class:`TrainingDiverged` on a
+    non-finite loss, before the optimiser step that would spread it.
     """
     device = device or torch.device("cpu")
     forward = model if forward is None else forward
@@ -194,10 +220,16 @@ def train_epoch(model: SequentialRecommender, dataset: SequenceDataset, users: n
     total, steps, seen = 0.0, 0, 0
     bar = tqdm(range(0, n_train, tc.batch_size), desc=f"epoch {epoch}", unit="batch",
                disable=not (progress_bars(tc.progress) and ctx.is_main), leave=False)
+    per_epoch = -(-n_train // tc.batch_size)
+    scheduled = tc.lr_schedule != "constant" or tc.warmup_steps > 0
     for start in bar:
+        if scheduled:
+            step = (epoch - 1) * per_epoch + start // tc.batch_size + 1
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(tc, step, tc.epochs * per_epoch)
         idx, counted = ctx.shard(perm[start:start + tc.batch_size])
         inputs, targets = training_batch(model, dataset, users[idx], lengths[idx], gen, device)
-        loss, mask = batch_loss(tc, model, forward, inputs, targets, gen)
+        loss, mask = batch_loss(tc, model, forward, inputs, targets, gen, proposal)
         step_loss = loss  # the step's mean loss over every rank's target positions
         if ctx.enabled:
             loss, step_loss = distributed.global_mean(
@@ -249,7 +281,10 @@ def fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: Pa
     ctx = ctx or distributed.Context()
     meta = {"model": cfg.model_name, "dataset": data.dataset.name}
     ddp = distributed.wrap(model, ctx, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(model, tc)
+    proposal = None
+    if tc.negative_sampler == "popularity":
+        proposal = popularity_proposal(data.split.train_item_counts(data.dataset))
     history: list[dict[str, Any]] = []
     start_epoch, best, best_epoch, bad = 1, -math.inf, 0, 0
     elapsed = 0.0
@@ -281,7 +316,7 @@ def fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: Pa
         t0 = time.perf_counter()
         try:
             stats = train_epoch(model, data.dataset, split.train_users, split.train_lengths,
-                                optimizer, tc, cfg.seed, epoch, device, ddp, ctx)
+                                optimizer, tc, cfg.seed, epoch, device, ddp, ctx, proposal)
         except TrainingDiverged as exc:
             kept = ("none had been written yet" if epoch == 1 else
                     f"last: epoch {epoch - 1}, best: "
