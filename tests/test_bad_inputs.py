@@ -110,6 +110,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("unknown items refused", ["recommend", "{run}", "--history", "nope1,1", "--unknown",
                                "error"], 2, "unknown item id(s) 'nope1'"),
     ("empty history", ["recommend", "{run}", "--history", ","], 2, "history has no known item"),
+    ("history id with undecodable bytes", ["recommend", "{run}", "--history", "1,a\udcff"], 2,
+     "history[1]: item id 'a\\udcff' is not valid Unicode text"),
     ("unknown candidates", ["recommend", "{run}", "--history", "1", "--candidates", "x,y"], 2,
      "none of the candidate ids is known"),
     ("histories: bad JSON", ["recommend", "{run}", "--input", "{f}histories_bad_json.jsonl"], 2,

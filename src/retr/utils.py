@@ -46,6 +46,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def is_unicode_text(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: no lone surrogate (JSON ``"\\ud800"``, or an
+    undecodable byte that Python kept as ``\\udcXX``)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

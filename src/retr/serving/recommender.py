@@ -27,7 +27,7 @@ from retr.models.base import SequentialRecommender
 from retr.models.pop import Pop
 from retr.text.transfer import build_run_model
 from retr.training.checkpoint import load_array, load_weights, save_array
-from retr.utils import read_json
+from retr.utils import is_unicode_text, read_json
 
 UNKNOWN_POLICIES = ("skip", "error")
 EMPTY_POLICIES = ("error", "popularity")
@@ -119,6 +119,10 @@ def _check_policy(name: str, value: str, valid: tuple[str, ...]) -> str:
 def _as_external(item: object, where: str) -> str:
     """External ids are strings in the vocabulary; integers are accepted and converted."""
     if isinstance(item, str):
+        if not is_unicode_text(item):
+            raise RequestError(f"{where}: item id {ascii(item)} is not valid Unicode text (it "
+                               "holds a lone surrogate such as a JSON \\ud800 escape); send ids "
+                               "as UTF-8 text")
         return item
     if isinstance(item, numbers.Integral) and not isinstance(item, bool):
         return str(int(item))
