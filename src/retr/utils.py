@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from retr.errors import RunDirError
+from retr.limits import json_loads
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
@@ -72,7 +73,7 @@ def read_json(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunDirError(f"{path}: file missing from the run directory")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json_loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunDirError(f"{path}: corrupted JSON ({exc})") from None
     if not isinstance(obj, dict):

@@ -56,11 +56,13 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from retr.errors import DataError
+from retr.limits import json_loads
 
 FORMATS: tuple[str, ...] = (
     "csv",
@@ -255,7 +257,7 @@ def _sample_lines(path: Path, head: bytes, gz: bool, complete: bool) -> list[str
 
 def _is_amazon_review(line: str) -> bool:
     try:
-        obj = json.loads(line)
+        obj = json_loads(line)
     except ValueError:
         return False
     return isinstance(obj, dict) and "reviewerID" in obj and "asin" in obj
@@ -407,7 +409,7 @@ def _read_jsonl(src: _Source, columns: ColumnMap) -> pd.DataFrame:
         if not stripped:
             continue
         try:
-            obj = json.loads(stripped)
+            obj = json_loads(stripped)
         except json.JSONDecodeError as e:
             raise DataError(f"{src}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); each "
                             "line must hold one JSON object") from None
@@ -460,9 +462,49 @@ def _read_parquet(src: _Source, columns: ColumnMap) -> pd.DataFrame:
         raise _empty(src, "it has no rows")
     raw: dict[str, pd.Series] = {}
     for role, index in roles.items():
-        series = table.column(index).to_pandas()
-        raw[role] = _parquet_ids(series) if role in _REQUIRED else series
+        column = table.column(index)
+        if role in _REQUIRED:
+            raw[role] = _parquet_ids(arrow_ids(src, names[index], column).to_pandas())
+        else:
+            raw[role] = column.to_pandas()
     return _finish(src, raw, {r: names[i] for r, i in roles.items()}, None)
+
+
+def arrow_ids(src: object, name: str, array: Any, start: int = 0) -> Any:
+    """An Arrow id column checked for what cannot be an id, with binary decoded as UTF-8.
+
+    Lists, structs and maps are refused (JSON-lines refuses the same values), and so are bytes
+    that are not UTF-8 text; the error names the column and the first bad row (``start`` is the
+    row number of the array's first value in the file, counted from 0).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        array = array.cast(kind.value_type)
+        kind = kind.value_type
+    if pa.types.is_nested(kind):
+        valid = pc.is_valid(array).to_numpy(zero_copy_only=False)
+        row = int(np.flatnonzero(valid)[0]) if valid.any() else 0
+        raise DataError(f"{src}: row {start + row + 1}: column {name!r} holds {kind} values, "
+                        "not single ids; store one string or integer id per row")
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or \
+            pa.types.is_fixed_size_binary(kind):
+        try:
+            return array.cast(pa.large_string() if pa.types.is_large_binary(kind)
+                              else pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            for row, value in enumerate(array.to_pylist()):
+                if value is not None:
+                    try:
+                        value.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise DataError(f"{src}: row {start + row + 1}: column {name!r} holds "
+                                        f"bytes that are not UTF-8 text ({_show(value)}, byte "
+                                        f"{e.start}); store the ids as UTF-8 strings") from None
+            raise
+    return array
 
 
 def _parquet_ids(series: pd.Series) -> pd.Series:
@@ -523,8 +565,13 @@ def _resolve(src: _Source, names: list[str], columns: ColumnMap, *, header: bool
                                 "pass a column name" + (" or 0-based position" if positional
                                                         else ""))
         elif header:
-            index = next((lowered.index(c.lower()) for c in DEFAULT_NAMES[role]
-                          if c.lower() in lowered), None)
+            usual = {c.lower() for c in DEFAULT_NAMES[role]}
+            matches = [i for i, n in enumerate(lowered) if n in usual]
+            if len(matches) > 1:
+                raise DataError(f"{src}: several columns could be the {role} column: "
+                                f"{', '.join(repr(names[i]) for i in matches)}; pick one with "
+                                f"{_FLAGS[role]} NAME")
+            index = matches[0] if matches else None
             if index is not None:
                 roles[role] = index
             elif role in _REQUIRED:
@@ -667,7 +714,7 @@ def iter_json_objects(path: str | Path, errors: str = "strict") -> Iterator[dict
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json_loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
             if not isinstance(obj, dict):

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from retr.errors import ConfigError
+from retr.limits import check_model_size
 from retr.models.base import ModelOutput, SequentialRecommender
 from retr.models.bert4rec import BERT4Rec, BERT4RecConfig
 from retr.models.gru4rec import GRU4Rec, GRU4RecConfig
@@ -53,6 +54,7 @@ def build_model(name: str, n_items: int, config: object = None) -> SequentialRec
     elif not isinstance(config, config_cls):
         raise ConfigError(f"model {name!r} needs a {config_cls.__name__}, "
                           f"got {type(config).__name__}")
+    check_model_size(name, n_items, vars(config))  # before any tensor exists
     model: Any = model_cls(n_items, config)
     return model
 

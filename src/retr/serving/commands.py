@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from retr.data.readers import iter_json_objects
 from retr.errors import ConfigError, DataError
+from retr.limits import json_loads
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -248,7 +249,7 @@ def _cell_history(value: Any) -> list[str]:
         text = value.strip()
         if text.startswith("["):
             try:
-                parsed = json.loads(text)
+                parsed = json_loads(text)
             except json.JSONDecodeError:
                 parsed = None
             if isinstance(parsed, list):

@@ -67,6 +67,13 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise RunDirError(f"{path}: corrupted or truncated weights file ({exc})") from None
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        want = expected.get(key)
+        if want is not None and tuple(want.shape) != tuple(tensor.shape):
+            raise RunDirError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the model "
+                              f"in config.json needs {tuple(want.shape)}; the weights belong to "
+                              "another configuration or vocabulary")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RunDirError(f"{path}: weights do not match the model in config.json "
