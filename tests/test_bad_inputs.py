@@ -298,3 +298,81 @@ def test_deeply_nested_toml_config(tmp_path: Path, capsys: pytest.CaptureFixture
     code, _, err = run_cli(["config", "show", "--config", str(path)], capsys)
     assert code == 2
     assert "deep.toml: invalid TOML (nested deeper than 64 levels)" in one_error_line(err)
+
+
+# --- inputs that would take all memory ---------------------------------------------------------
+
+
+def _gzip_stream(path: Path, head: bytes, block: bytes, total: int) -> None:
+    """Write gzip data inflating to about ``total`` bytes without holding them in memory."""
+    import zlib
+
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    with path.open("wb") as fh:
+        fh.write(comp.compress(head))
+        for _ in range(total // len(block)):
+            fh.write(comp.compress(block))
+        fh.write(comp.flush())
+
+
+def test_device_as_data_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["data", "describe", "/dev/zero"],
+                 ["train", "--data", "/dev/zero", "--model", "pop", "--out", str(tmp_path / "r")]):
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2
+        assert "/dev/zero: not a regular file" in one_error_line(err)
+
+
+_PEAK = """
+import resource, sys
+from retr.cli import main
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+code = main(["data", "describe", sys.argv[1]])
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(code, grew // 1024)
+"""
+
+
+@pytest.mark.parametrize("what, head, block, total, needle", [
+    ("zeros", b"", b"\0" * (1 << 20), 1 << 28, "inflates more than 100 times"),
+    ("repetitive CSV", b"user_id,item_id,timestamp\n",  # 20 rows repeated: about 230x
+     b"".join(b"%d,%d,%d\n" % (i % 50, i % 37, 10**9 + i) for i in range(20)) * 2000, 1 << 28,
+     "inflates more than 100 times"),
+])
+def test_gzip_bombs_stop_early_in_bounded_memory(tmp_path: Path, what: str, head: bytes,
+                                                 block: bytes, total: int, needle: str) -> None:
+    """A .gz of under 1 MB inflating to 256 MiB is refused after about 64 MiB, not read whole."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "bomb.csv.gz"
+    _gzip_stream(path, head, block, total)
+    assert path.stat().st_size < 8 * 2**20
+    proc = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True,
+                          text=True, timeout=300)
+    code, grew_mb = (int(x) for x in proc.stdout.split())
+    assert code == 2 and needle in one_error_line(proc.stderr), proc.stderr
+    assert grew_mb < 300, f"{what}: peak memory grew by {grew_mb} MB"
+
+
+def test_input_over_the_read_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import gzip
+
+    rows = "user_id,item_id\n" + "".join(f"u{i % 97},i{i % 89}\n" for i in range(20_000))
+    plain, packed = tmp_path / "log.csv", tmp_path / "log.csv.gz"
+    plain.write_text(rows)
+    packed.write_bytes(gzip.compress(rows.encode()))
+    monkeypatch.setenv("RETR_MAX_INPUT_BYTES", "100000")
+    code, _, err = run_cli(["data", "describe", str(plain)], capsys)
+    assert code == 2
+    assert f"log.csv: is {len(rows):,} bytes, over the 100,000-byte limit" in one_error_line(err)
+    code, _, err = run_cli(["data", "describe", str(packed)], capsys)
+    assert code == 2
+    assert "log.csv.gz: decompresses to more than 100,000 bytes" in one_error_line(err)
+    monkeypatch.setenv("RETR_MAX_INPUT_BYTES", str(len(rows)))
+    code, out, err = run_cli(["data", "describe", str(packed), "--no-filter", "--json"], capsys)
+    assert code == 0 and '"interactions": 20000' in out, err
+    monkeypatch.setenv("RETR_MAX_INPUT_BYTES", "lots")
+    code, _, err = run_cli(["data", "describe", str(plain)], capsys)
+    assert code == 2 and "$RETR_MAX_INPUT_BYTES must be a number of bytes" in one_error_line(err)

@@ -10,8 +10,13 @@ README's reliability section lists them:
   (``max_len``) of at most :data:`MAX_LEN`, and the estimated weights (4 bytes a parameter,
   :func:`estimate_parameters`) must fit in the memory available, all checked before a tensor is
   allocated (:func:`check_model_size`);
-* compressed input decompresses to at most :data:`MAX_DECOMPRESSED_BYTES` by default, and an
-  input file is read only up to :data:`MAX_INPUT_BYTES` (:mod:`retr.data.readers`).
+* an interaction file read whole (every format but the streamed Parquet path) may hold, after
+  decompression, at most :func:`max_input_bytes`: 1/:data:`READ_MEMORY_FACTOR` of the memory
+  available (reading a CSV into a DataFrame peaked at 15-20 bytes per byte of text: 1.45 GB for
+  a 90 MB CSV of 4M rows, 20 GB for a 1 GiB one), never over :data:`MAX_INPUT_BYTES`, or
+  ``$RETR_MAX_INPUT_BYTES``. Gzip input is decompressed in chunks and stopped at that size, and
+  once past :data:`RATIO_CHECK_AFTER` bytes it may not inflate more than
+  :data:`MAX_COMPRESSION_RATIO` times (a random-id CSV log compressed 2x, text usually 3-10x; zeros 1000x).
 
 This module imports only the standard library and :mod:`retr.errors`.
 """
@@ -29,8 +34,11 @@ MAX_JSON_DEPTH = 64
 MAX_WIDTH = 65_536
 MAX_LAYERS = 256
 MAX_LEN = 65_536
-MAX_DECOMPRESSED_BYTES = 64 * 2**30
 MAX_INPUT_BYTES = 64 * 2**30
+READ_MEMORY_FACTOR = 24
+MAX_COMPRESSION_RATIO = 100
+RATIO_CHECK_AFTER = 64 * 2**20
+INPUT_LIMIT_ENV = "RETR_MAX_INPUT_BYTES"
 BYTES_PER_PARAMETER = 4
 
 _WIDTHS = ("hidden_size", "ffn_size", "embedding_size", "router_hidden", "num_heads")
@@ -141,6 +149,22 @@ def available_memory_bytes() -> int | None:
         if text.isdigit() and (found is None or int(text) < found):
             found = int(text)
     return found
+
+
+def max_input_bytes() -> int:
+    """The most bytes (after decompression) an interaction file read whole may hold."""
+    given = os.environ.get(INPUT_LIMIT_ENV, "").strip()
+    if given:
+        try:
+            value = int(given)
+        except ValueError:
+            raise ConfigError(f"${INPUT_LIMIT_ENV} must be a number of bytes, got {given!r}") \
+                from None
+        if value < 1:
+            raise ConfigError(f"${INPUT_LIMIT_ENV} must be >= 1, got {value}")
+        return value
+    have = available_memory_bytes()
+    return MAX_INPUT_BYTES if have is None else min(MAX_INPUT_BYTES, have // READ_MEMORY_FACTOR)
 
 
 def check_model_size(model_name: str, n_items: int, fields: Mapping[str, Any],

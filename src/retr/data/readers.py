@@ -51,6 +51,7 @@ import csv
 import gzip
 import io
 import json
+import os
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -62,7 +63,14 @@ import numpy as np
 import pandas as pd
 
 from retr.errors import DataError
-from retr.limits import json_loads
+from retr.limits import (
+    INPUT_LIMIT_ENV,
+    MAX_COMPRESSION_RATIO,
+    RATIO_CHECK_AFTER,
+    READ_MEMORY_FACTOR,
+    json_loads,
+    max_input_bytes,
+)
 
 FORMATS: tuple[str, ...] = (
     "csv",
@@ -178,25 +186,66 @@ def _existing_file(path: str | Path) -> Path:
         raise DataError(f"{p}: no such file; check the path")
     if p.is_dir():
         raise DataError(f"{p}: is a directory; pass the interaction file inside it")
+    if not p.is_file():
+        raise DataError(f"{p}: not a regular file (a device, pipe or socket); save the data to a "
+                        "file and pass that")
     return p
 
 
+_CHUNK = 1 << 22
+
+
 def _read_bytes(path: Path, limit: int | None = None) -> tuple[bytes, bool]:
-    """All bytes (or the first ``limit``), gunzipped when the file starts with the gzip magic."""
+    """All bytes (or the first ``limit``), gunzipped when the file starts with the gzip magic.
+
+    Reading everything is bounded by :func:`retr.limits.max_input_bytes`: a plain file over it
+    is refused from its size, gzip data is inflated in chunks and refused once it passes it.
+    """
     try:
         with path.open("rb") as fh:
             gz = fh.read(2) == _GZIP_MAGIC
             fh.seek(0)
+            if limit is not None:
+                if not gz:
+                    return fh.read(limit), False
+                with gzip.GzipFile(fileobj=fh) as gfh:
+                    return gfh.read(limit), True
+            cap = max_input_bytes()
             if not gz:
-                return (fh.read() if limit is None else fh.read(limit)), False
+                size = os.fstat(fh.fileno()).st_size
+                if size > cap:
+                    raise _too_big(path, f"is {size:,} bytes", cap)
+                return fh.read(), False
+            chunks: list[bytes] = []
+            total = 0
             with gzip.GzipFile(fileobj=fh) as gfh:
-                return (gfh.read() if limit is None else gfh.read(limit)), True
+                while chunk := gfh.read(_CHUNK):
+                    total += len(chunk)
+                    if total > cap:
+                        del chunks
+                        raise _too_big(path, f"decompresses to more than {cap:,} bytes", cap)
+                    if total > RATIO_CHECK_AFTER and total > MAX_COMPRESSION_RATIO * fh.tell():
+                        del chunks
+                        raise DataError(
+                            f"{path}: gzip data inflates more than {MAX_COMPRESSION_RATIO} times "
+                            f"({fh.tell():,} bytes became {total:,} and counting), which no "
+                            "interaction log does; it looks like a decompression bomb. "
+                            "Decompress it yourself if it is genuine")
+                    chunks.append(chunk)
+            return b"".join(chunks), True
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: gzip data is truncated or corrupt ({_one_line(e)}); "
                         "re-download the file or compress it again") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror or _one_line(e)}); "
                         "check that it exists and is readable") from None
+
+
+def _too_big(path: Path, what: str, cap: int) -> DataError:
+    return DataError(f"{path}: {what}, over the {cap:,}-byte limit on input read whole (1/"
+                     f"{READ_MEMORY_FACTOR} of the memory available, as reading needs about "
+                     f"{READ_MEMORY_FACTOR}x the text size); convert it to Parquet, which is "
+                     f"streamed, or set ${INPUT_LIMIT_ENV} to raise the limit")
 
 
 # --- detection -------------------------------------------------------------------------------
