@@ -23,6 +23,7 @@ from retr.config import RunConfig
 from retr.data.dataset import Vocabulary
 from retr.errors import RetrError, RunDirError
 from retr.evaluation.ranking import states_of, topk_items
+from retr.manifest import verify_manifest
 from retr.models.base import SequentialRecommender
 from retr.models.pop import Pop
 from retr.text.transfer import build_run_model
@@ -178,6 +179,9 @@ class Recommender:
         from retr.runs import load_config
 
         run_dir = Path(run_dir)
+        if run_dir.is_dir():
+            verify_manifest(run_dir, ["config.json", "vocab.json", weights, "results.json",
+                                      ITEM_COUNTS_FILE])
         cfg = load_config(run_dir)
         vocab = Vocabulary.load(run_dir / "vocab.json")
         model = build_run_model(cfg, vocab.n_items)

@@ -26,6 +26,7 @@ from retr.data.negatives import sample_negatives
 from retr.data.splits import Split, make_split
 from retr.errors import RetrError, RunDirError
 from retr.evaluation.protocol import evaluate
+from retr.manifest import remove_manifest, write_manifest
 from retr.models.base import SequentialRecommender, length_groups
 from retr.serving.recommender import save_item_counts
 from retr.text.transfer import build_run_model
@@ -230,6 +231,7 @@ def _train(cfg: RunConfig, dataset: SequenceDataset, run_dir: Path, resume: bool
         _summary_writer_class()  # fail before anything is written, not after the first epoch
     if ctx.is_main:
         _remove_stale_temporaries(run_dir)
+        remove_manifest(run_dir)  # files change from here on; write_manifest ends the run
     trainable = getattr(model, "trainable", True)
     if resume and trainable and fit and not (run_dir / "trainer_state.pt").is_file():
         log(f"{run_dir}: no epoch had finished; starting the run over from its config.json")
@@ -467,4 +469,5 @@ def final_evaluation(cfg: RunConfig, model: SequentialRecommender, data: RunData
                            data.negatives[part], progress=cfg.train.progress)
             results["results"].append({"split": part, **res})
     atomic_write_json(run_dir / "results.json", results)
+    write_manifest(run_dir)  # last: the run is complete
     return results
