@@ -117,8 +117,12 @@ def test_router_options_keep_flat_keys() -> None:
 def test_old_run_directory_still_loads() -> None:
     """A run directory written by release 0.1.0 loads, evaluates and serves as it did."""
     old = json.loads((OLD_RUN / "config.json").read_text())
-    cfg = retr.load_config(OLD_RUN)
-    assert cfg.to_dict() == old
+    cfg = retr.load_config(OLD_RUN).to_dict()
+    for section, values in old.items():  # every old value kept; keys added since take defaults
+        if isinstance(values, dict):
+            assert {k: cfg[section][k] for k in values} == values, section
+        else:
+            assert cfg[section] == values
     run = retr.load_run(OLD_RUN)
     recorded = json.loads((OLD_RUN / "results.json").read_text())
     for row in recorded["results"]:

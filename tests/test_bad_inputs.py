@@ -9,6 +9,8 @@ known ones, a 100,000-item history).
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,23 @@ CASES: list[tuple[str, list[str], int, str]] = [
                          "{tmp}run"], 2, "ragged.csv:4"),
     ("BOM and CRLF work", ["data", "describe", "{f}bom_crlf_ok.csv", "--json"], 0,
      '"interactions": 240'),
+    # model sizes: refused before any tensor is allocated
+    ("hidden_size 10**9", ["train", "--data", TINY, "--model", "retr", "--set",
+                           "model.hidden_size=1000000000", "--out", "{tmp}run"], 2,
+     "model.hidden_size = 1,000,000,000 is over the limit of 65,536"),
+    ("max_len 10**9", ["train", "--data", TINY, "--model", "sasrec", "--set",
+                       "model.max_len=1000000000", "--out", "{tmp}run"], 2,
+     "model.max_len = 1,000,000,000 is over the limit of 65,536 positions"),
+    ("num_layers 10**6", ["train", "--data", TINY, "--model", "retr", "--set",
+                          "model.num_layers=1000000", "--out", "{tmp}run"], 2,
+     "model.num_layers = 1,000,000 is over the limit of 256"),
+    ("GRU num_layers 10**6", ["train", "--data", TINY, "--model", "gru4rec", "--set",
+                              "model.num_layers=1000000", "--out", "{tmp}run"], 2,
+     "model.num_layers = 1,000,000 is over the limit of 256"),
+    ("weights over memory (16 TiB)", ["train", "--data", TINY, "--model", "retr", "--set",
+                                      "model.hidden_size=65536", "--set", "model.num_heads=1",
+                                      "--set", "model.num_layers=200", "--out", "{tmp}run"], 2,
+     "GiB of memory available; lower model.hidden_size"),
     # configuration
     ("bad TOML", ["train", "--config", "{f}bad_syntax.toml", *POP, "--out", "{tmp}run"], 2,
      "bad_syntax.toml: invalid TOML (Invalid value (at line 3, column 10))"),
@@ -110,6 +129,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("unknown items refused", ["recommend", "{run}", "--history", "nope1,1", "--unknown",
                                "error"], 2, "unknown item id(s) 'nope1'"),
     ("empty history", ["recommend", "{run}", "--history", ","], 2, "history has no known item"),
+    ("history id with undecodable bytes", ["recommend", "{run}", "--history", "1,a\udcff"], 2,
+     "history[1]: item id 'a\\udcff' is not valid Unicode text"),
     ("unknown candidates", ["recommend", "{run}", "--history", "1", "--candidates", "x,y"], 2,
      "none of the candidate ids is known"),
     ("histories: bad JSON", ["recommend", "{run}", "--input", "{f}histories_bad_json.jsonl"], 2,
@@ -194,3 +215,164 @@ def test_100k_item_history_is_truncated_and_works(pop_run: Path, tmp_path: Path,
     assert code == 0, err
     row = json.loads(out)
     assert row["id"] == "long" and row["truncated"] and len(row["items"]) == 5
+
+
+# --- generated inputs: too big to keep in the corpus, or made from a trained run --------------
+
+SASREC = ["--model", "sasrec", "--data", TINY, "--set", "train.progress=false", "--set",
+          "train.epochs=1", "--set", "model.hidden_size=16", "--set", "model.num_heads=2",
+          "--set", "model.max_len=10"]
+
+
+@pytest.fixture(scope="module")
+def sasrec_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sasrec") / "run"
+    assert main(["train", *SASREC, "--out", str(out)]) == 0
+    return out
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _deep_json(run: Path, name: str) -> None:
+    (run / name).write_text('{"format_version": 1, "x": ' + _nested(150_000) + "}\n")
+
+
+def _other_shapes(run: Path, name: str) -> None:
+    """Weights with the run's tensor names but another vocabulary's shapes."""
+    from retr.config import RunConfig
+    from retr.models import build_model
+    from retr.training.checkpoint import save_weights
+    from retr.utils import read_json
+
+    cfg = RunConfig.from_dict(read_json(run / "config.json"))
+    n_items = len(json.loads((run / "vocab.json").read_text())["items"])
+    save_weights(build_model(cfg.model_name, n_items + 5, cfg.model), run / name)
+
+
+def _huge_model(run: Path, name: str) -> None:
+    cfg = json.loads((run / name).read_text())
+    cfg["model"]["hidden_size"] = 10**9
+    (run / name).write_text(json.dumps(cfg))
+
+
+RUN_CASES: list[tuple[str, str, object, list[str], str]] = [
+    # (case, file changed, how, command with {run}, expected piece of the one error line)
+    ("config.json nested 150k deep", "config.json", _deep_json, ["evaluate", "{run}"],
+     "config.json: corrupted JSON (nested deeper than 64 levels"),
+    ("config.json nested, recommend", "config.json", _deep_json,
+     ["recommend", "{run}", "--history", "1"], "config.json: corrupted JSON (nested deeper"),
+    ("results.json nested 150k deep", "results.json", _deep_json,
+     ["recommend", "{run}", "--history", "1"], "results.json: corrupted JSON (nested deeper"),
+    ("wrong shapes, evaluate", "model.safetensors", _other_shapes, ["evaluate", "{run}"],
+     "model.safetensors: tensor 'item_embedding.table.weight' has shape"),
+    ("wrong shapes, recommend", "model.safetensors", _other_shapes,
+     ["recommend", "{run}", "--history", "1"], "model.safetensors: tensor 'item_embedding"),
+    ("wrong shapes, serve", "model.safetensors", _other_shapes, ["serve", "{run}", "--port", "1"],
+     "model.safetensors: tensor 'item_embedding"),
+    ("wrong shapes, resume", "model.safetensors", _other_shapes,
+     ["train", "--resume", "{run}"], "model.safetensors: tensor 'item_embedding"),
+    ("hidden_size 10**9 in config.json", "config.json", _huge_model,
+     ["recommend", "{run}", "--history", "1"], "model.hidden_size = 1,000,000,000 is over"),
+]
+
+
+@pytest.mark.parametrize("case, name, change, argv, needle", RUN_CASES,
+                         ids=[c[0] for c in RUN_CASES])
+def test_damaged_run_directory(case: str, name: str, change: Callable[[Path, str], None],
+                               argv: list[str], needle: str, sasrec_run: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(sasrec_run, run)
+    (run / "manifest.json").unlink(missing_ok=True)  # these probe the loaders themselves
+    change(run, name)
+    code, _, err = run_cli([a.replace("{run}", str(run)) for a in argv], capsys)
+    assert code == 2, err
+    assert needle in one_error_line(err)
+
+
+def test_deeply_nested_toml_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text("[train]\nepochs = " + _nested(200_000) + "\n")
+    code, _, err = run_cli(["config", "show", "--config", str(path)], capsys)
+    assert code == 2
+    assert "deep.toml: invalid TOML (nested deeper than 64 levels)" in one_error_line(err)
+
+
+# --- inputs that would take all memory ---------------------------------------------------------
+
+
+def _gzip_stream(path: Path, head: bytes, block: bytes, total: int) -> None:
+    """Write gzip data inflating to about ``total`` bytes without holding them in memory."""
+    import zlib
+
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    with path.open("wb") as fh:
+        fh.write(comp.compress(head))
+        for _ in range(total // len(block)):
+            fh.write(comp.compress(block))
+        fh.write(comp.flush())
+
+
+def test_device_as_data_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["data", "describe", "/dev/zero"],
+                 ["train", "--data", "/dev/zero", "--model", "pop", "--out", str(tmp_path / "r")]):
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2
+        assert "/dev/zero: not a regular file" in one_error_line(err)
+
+
+_PEAK = """
+import resource, sys
+from retr.cli import main
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+code = main(["data", "describe", sys.argv[1]])
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(code, grew // 1024)
+"""
+
+
+@pytest.mark.parametrize("what, head, block, total, needle", [
+    ("zeros", b"", b"\0" * (1 << 20), 1 << 28, "inflates more than 100 times"),
+    ("repetitive CSV", b"user_id,item_id,timestamp\n",  # 20 rows repeated: about 230x
+     b"".join(b"%d,%d,%d\n" % (i % 50, i % 37, 10**9 + i) for i in range(20)) * 2000, 1 << 28,
+     "inflates more than 100 times"),
+])
+def test_gzip_bombs_stop_early_in_bounded_memory(tmp_path: Path, what: str, head: bytes,
+                                                 block: bytes, total: int, needle: str) -> None:
+    """A .gz of under 1 MB inflating to 256 MiB is refused after about 64 MiB, not read whole."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "bomb.csv.gz"
+    _gzip_stream(path, head, block, total)
+    assert path.stat().st_size < 8 * 2**20
+    proc = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True,
+                          text=True, timeout=300)
+    code, grew_mb = (int(x) for x in proc.stdout.split())
+    assert code == 2 and needle in one_error_line(proc.stderr), proc.stderr
+    assert grew_mb < 300, f"{what}: peak memory grew by {grew_mb} MB"
+
+
+def test_input_over_the_read_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import gzip
+
+    rows = "user_id,item_id\n" + "".join(f"u{i % 97},i{i % 89}\n" for i in range(20_000))
+    plain, packed = tmp_path / "log.csv", tmp_path / "log.csv.gz"
+    plain.write_text(rows)
+    packed.write_bytes(gzip.compress(rows.encode()))
+    monkeypatch.setenv("RETR_MAX_INPUT_BYTES", "100000")
+    code, _, err = run_cli(["data", "describe", str(plain)], capsys)
+    assert code == 2
+    assert f"log.csv: is {len(rows):,} bytes, over the 100,000-byte limit" in one_error_line(err)
+    code, _, err = run_cli(["data", "describe", str(packed)], capsys)
+    assert code == 2
+    assert "log.csv.gz: decompresses to more than 100,000 bytes" in one_error_line(err)
+    monkeypatch.setenv("RETR_MAX_INPUT_BYTES", str(len(rows)))
+    code, out, err = run_cli(["data", "describe", str(packed), "--no-filter", "--json"], capsys)
+    assert code == 0 and '"interactions": 20000' in out, err
+    monkeypatch.setenv("RETR_MAX_INPUT_BYTES", "lots")
+    code, _, err = run_cli(["data", "describe", str(plain)], capsys)
+    assert code == 2 and "$RETR_MAX_INPUT_BYTES must be a number of bytes" in one_error_line(err)

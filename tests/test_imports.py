@@ -17,7 +17,7 @@ import pytest
 SRC = Path(__file__).resolve().parent.parent / "src" / "retr"
 
 LAYERS = [
-    ("retr.errors", "retr.utils"),
+    ("retr.errors", "retr.utils", "retr.limits", "retr.manifest"),
     ("retr.config", "retr.cli_args"),
     ("retr.data",),
     ("retr.models",),

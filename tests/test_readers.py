@@ -460,3 +460,75 @@ def test_real_datasets(rel: str, fmt: str, columns: ColumnMap | None,
     if fmt == "rechorus":
         assert list(df.columns) == ["user", "item", "timestamp"]
         assert df["timestamp"].min() > 0
+
+
+# --- values that cannot be ids, and columns that could be either of two ----------------------
+
+
+def _both_parquet_paths(path: Path) -> list[object]:
+    """The DataFrame reader and the streamed reader must refuse the same files the same way."""
+    from retr.data.ingest import read_parquet_codes
+
+    return [lambda: read_interactions(path), lambda: read_parquet_codes(path, batch_size=8)]
+
+
+@pytest.mark.parametrize(("values", "kind", "message"), [
+    ([b"ok"] * 10 + [b"\xff\xfe"] + [b"x"] * 9, pa.binary(),
+     r"row 11: column 'item_id' holds bytes that are not UTF-8 text \(b'\\xff\\xfe', byte 0\)"),
+    ([[168, 1]] * 20, pa.list_(pa.int64()),
+     r"row 1: column 'item_id' holds list<element: int64> values, not single ids"),
+    ([None] * 3 + [{"a": 1}] * 17, pa.struct([("a", pa.int64())]),
+     r"row 4: column 'item_id' holds struct<a: int64> values, not single ids"),
+    ([{"k": 1}] * 20, pa.map_(pa.string(), pa.int64()), "values, not single ids"),
+])
+def test_parquet_ids_that_are_not_ids_are_refused(tmp_path: Path, values: list[object],
+                                                  kind: pa.DataType, message: str) -> None:
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"user_id": [f"u{i % 4}" for i in range(20)],
+                             "item_id": pa.array(values, kind)}), path)
+    for read in _both_parquet_paths(path):
+        with pytest.raises(DataError, match=message):
+            read()
+
+
+def test_parquet_utf8_binary_ids_are_read_as_text(tmp_path: Path) -> None:
+    from retr.data.ingest import read_parquet_codes
+
+    path = tmp_path / "log.parquet"
+    ids = [b"a", "é".encode(), b"a", b"c"]
+    pq.write_table(pa.table({"user_id": ["u1", "u1", "u2", "u2"],
+                             "item_id": pa.array(ids, pa.binary())}), path)
+    assert list(read_interactions(path)["item"]) == ["a", "é", "a", "c"]
+    codes = read_parquet_codes(path, batch_size=3)
+    assert [str(codes.item_ids[c]) for c in codes.items] == ["a", "é", "a", "c"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_two_candidate_columns_are_an_error_listing_them(tmp_path: Path, fmt: str) -> None:
+    frame = pd.DataFrame({"user": ["a", "b"], "user_id": ["b", "a"], "item_id": ["1", "2"]})
+    path = tmp_path / f"log.{fmt}"
+    if fmt == "parquet":
+        frame.to_parquet(path)
+    elif fmt == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_json(path, orient="records", lines=True)
+    with pytest.raises(DataError, match=r"several columns could be the user column: 'user', "
+                                        r"'user_id'; pick one with --user-col NAME"):
+        read_interactions(path)
+    picked = read_interactions(path, columns=ColumnMap(user="user_id"))
+    assert list(picked["user"]) == ["b", "a"]
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+def test_deeply_nested_json_line_is_one_error(tmp_path: Path, gz: bool) -> None:
+    text = ('{"user_id": "1", "item_id": "2"}\n'
+            '{"user_id": "1", "item_id": ' + "[" * 150_000 + "]" * 150_000 + "}\n")
+    path = tmp_path / ("deep.jsonl.gz" if gz else "deep.jsonl")
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    with pytest.raises(DataError, match=r"deep.jsonl(.gz)?:2: invalid JSON \(nested deeper than "
+                                        r"64 levels"):
+        read_interactions(path)
+    shallow = tmp_path / "ok.jsonl"
+    shallow.write_text('{"user_id": "1", "item_id": "2", "extra": ' + "[" * 60 + "]" * 60 + "}\n")
+    assert list(read_interactions(shallow)["item"]) == ["2"]

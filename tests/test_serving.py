@@ -293,6 +293,28 @@ def test_http_bad_input_is_4xx(client, path, body, status):
     assert isinstance(detail, str) and detail and "Traceback" not in resp.text
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/recommend", b'{"history": ["\\ud800"]}'),
+    ("/recommend", b'{"history": ["1", "a\\udfffb"]}'),
+    ("/recommend", b'{"history": ["1"], "candidates": ["\\ud800"]}'),
+    ("/recommend/batch", b'{"histories": [["1"], ["\\ud800"]]}'),
+    ("/explain", b'{"history": ["\\ud800"]}'),
+])
+def test_http_lone_surrogate_ids_are_422(client, path, body):
+    """A JSON escape that is half a surrogate pair is no text: refused, not answered with a 500."""
+    resp = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    assert "not valid Unicode text" in resp.json()["detail"]
+
+
+def test_recommender_refuses_lone_surrogates(pop_run):
+    rec = Recommender.load(pop_run)
+    with pytest.raises(RequestError, match=r"history\[1\]: item id '\\ud800' is not valid Unicode"):
+        rec.recommend(["1", "\ud800"], k=3)
+    with pytest.raises(RequestError, match="not valid Unicode"):
+        rec.recommend(["1"], k=3, candidates=["2", "\udcff"])
+
+
 def test_http_malformed_bodies(client):
     bad_json = client.post("/recommend", content=b"{oops", headers={"content-type": "application/json"})
     assert bad_json.status_code == 422 and "not valid JSON" in bad_json.json()["detail"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from retr.errors import ConfigError
+from retr.limits import toml_loads
 
 CONFIG_FORMAT_VERSION = 1
 LOSSES = ("bpr", "bce", "ce", "sampled_softmax", "gbce")  # train.loss; retr.training.losses
@@ -403,7 +404,7 @@ def build_dataclass(cls: type, raw: Any, where: str) -> Any:
 def _parse_value(text: str) -> Any:
     """Parse a ``--set`` value as a TOML value, falling back to a bare string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        return toml_loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
 
@@ -430,7 +431,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return toml_loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
     except UnicodeDecodeError:

@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from retr import __version__
-from retr.config import RunConfig
+from retr.config import CONFIG_FORMAT_VERSION, RunConfig
 from retr.data.dataset import SequenceDataset, Vocabulary
 from retr.data.load import IN_MEMORY, load_dataset
 from retr.data.negatives import sample_negatives
 from retr.data.splits import RunData, Split, make_split
 from retr.errors import DataError, RunDirError
 from retr.evaluation.protocol import evaluate
+from retr.manifest import check_format_version, remove_manifest, verify_manifest, write_manifest
 from retr.models import build_run_model
 from retr.models.base import SequentialRecommender
 from retr.training import distributed
@@ -57,12 +58,16 @@ def load_config(run_dir: str | Path) -> RunConfig:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no such run directory")
-    return RunConfig.from_dict(read_json(run_dir / "config.json"), str(run_dir / "config.json"))
+    raw = read_json(run_dir / "config.json")
+    check_format_version(raw, run_dir / "config.json", (CONFIG_FORMAT_VERSION,))
+    return RunConfig.from_dict(raw, str(run_dir / "config.json"))
 
 
 def load_run(run_dir: str | Path, weights: str = "model.safetensors") -> LoadedRun:
     """Rebuild the run's model with its selected weights, and its data split and negatives."""
     run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        verify_manifest(run_dir)
     cfg = load_config(run_dir)
     dataset = run_dataset(cfg, run_dir)
     data = load_run_data(cfg, dataset, run_dir)
@@ -225,6 +230,7 @@ def _train(cfg: RunConfig, dataset: SequenceDataset, run_dir: Path, resume: bool
         summary_writer_class()  # fail before anything is written, not after the first epoch
     if ctx.is_main:
         _remove_stale_temporaries(run_dir)
+        remove_manifest(run_dir)  # files change from here on; write_manifest ends the run
     trainable = getattr(model, "trainable", True)
     if resume and trainable and fit_model and not (run_dir / "trainer_state.pt").is_file():
         log(f"{run_dir}: no epoch had finished; starting the run over from its config.json")
@@ -286,4 +292,5 @@ def final_evaluation(cfg: RunConfig, model: SequentialRecommender, data: RunData
                            data.negatives[part], progress=progress_bars(cfg.train.progress))
             results["results"].append({"split": part, **res})
     atomic_write_json(run_dir / "results.json", results)
+    write_manifest(run_dir)  # last: the run is complete
     return results

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from retr.errors import RunDirError
+from retr.limits import json_loads
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
@@ -47,6 +48,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def is_unicode_text(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: no lone surrogate (JSON ``"\\ud800"``, or an
+    undecodable byte that Python kept as ``\\udcXX``)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -61,7 +74,7 @@ def read_json(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunDirError(f"{path}: file missing from the run directory")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json_loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunDirError(f"{path}: corrupted JSON ({exc})") from None
     if not isinstance(obj, dict):

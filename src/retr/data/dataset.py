@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from retr.errors import DataError, RunDirError
+from retr.manifest import check_format_version
 from retr.utils import atomic_write_json, read_json
 
 VOCAB_FORMAT_VERSION = 1
@@ -56,6 +57,7 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
         obj = read_json(path)
+        check_format_version(obj, path, (VOCAB_FORMAT_VERSION,))
         try:
             return cls.from_json(obj)
         except RunDirError as exc:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from retr.data.readers import iter_json_objects
 from retr.errors import DataError
+from retr.limits import json_loads
 
 INPUT_FORMATS = ("csv", "tsv", "jsonl", "parquet")
 _EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
@@ -80,7 +81,7 @@ def _cell_history(value: Any) -> list[str]:
         text = value.strip()
         if text.startswith("["):
             try:
-                parsed = json.loads(text)
+                parsed = json_loads(text)
             except json.JSONDecodeError:
                 parsed = None
             if isinstance(parsed, list):

@@ -33,6 +33,7 @@ from retr.data.readers import (
     _resolve,
     _Source,
     _to_float,
+    arrow_ids,
 )
 from retr.errors import DataError
 
@@ -155,6 +156,7 @@ class _Ids:
 
         if self.error is not None:
             return
+        array = arrow_ids(self.src, self.name, array, start)
         kind = array.type
         if pa.types.is_integer(kind) and array.null_count == 0:
             codes, uniques = pd.factorize(array.to_numpy(), sort=False)  # str() of each is its id

@@ -51,16 +51,26 @@ import csv
 import gzip
 import io
 import json
+import os
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from retr.errors import DataError
+from retr.limits import (
+    INPUT_LIMIT_ENV,
+    MAX_COMPRESSION_RATIO,
+    RATIO_CHECK_AFTER,
+    READ_MEMORY_FACTOR,
+    json_loads,
+    max_input_bytes,
+)
 
 FORMATS: tuple[str, ...] = (
     "csv",
@@ -176,25 +186,66 @@ def _existing_file(path: str | Path) -> Path:
         raise DataError(f"{p}: no such file; check the path")
     if p.is_dir():
         raise DataError(f"{p}: is a directory; pass the interaction file inside it")
+    if not p.is_file():
+        raise DataError(f"{p}: not a regular file (a device, pipe or socket); save the data to a "
+                        "file and pass that")
     return p
 
 
+_CHUNK = 1 << 22
+
+
 def _read_bytes(path: Path, limit: int | None = None) -> tuple[bytes, bool]:
-    """All bytes (or the first ``limit``), gunzipped when the file starts with the gzip magic."""
+    """All bytes (or the first ``limit``), gunzipped when the file starts with the gzip magic.
+
+    Reading everything is bounded by :func:`retr.limits.max_input_bytes`: a plain file over it
+    is refused from its size, gzip data is inflated in chunks and refused once it passes it.
+    """
     try:
         with path.open("rb") as fh:
             gz = fh.read(2) == _GZIP_MAGIC
             fh.seek(0)
+            if limit is not None:
+                if not gz:
+                    return fh.read(limit), False
+                with gzip.GzipFile(fileobj=fh) as gfh:
+                    return gfh.read(limit), True
+            cap = max_input_bytes()
             if not gz:
-                return (fh.read() if limit is None else fh.read(limit)), False
+                size = os.fstat(fh.fileno()).st_size
+                if size > cap:
+                    raise _too_big(path, f"is {size:,} bytes", cap)
+                return fh.read(), False
+            chunks: list[bytes] = []
+            total = 0
             with gzip.GzipFile(fileobj=fh) as gfh:
-                return (gfh.read() if limit is None else gfh.read(limit)), True
+                while chunk := gfh.read(_CHUNK):
+                    total += len(chunk)
+                    if total > cap:
+                        del chunks
+                        raise _too_big(path, f"decompresses to more than {cap:,} bytes", cap)
+                    if total > RATIO_CHECK_AFTER and total > MAX_COMPRESSION_RATIO * fh.tell():
+                        del chunks
+                        raise DataError(
+                            f"{path}: gzip data inflates more than {MAX_COMPRESSION_RATIO} times "
+                            f"({fh.tell():,} bytes became {total:,} and counting), which no "
+                            "interaction log does; it looks like a decompression bomb. "
+                            "Decompress it yourself if it is genuine")
+                    chunks.append(chunk)
+            return b"".join(chunks), True
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: gzip data is truncated or corrupt ({_one_line(e)}); "
                         "re-download the file or compress it again") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror or _one_line(e)}); "
                         "check that it exists and is readable") from None
+
+
+def _too_big(path: Path, what: str, cap: int) -> DataError:
+    return DataError(f"{path}: {what}, over the {cap:,}-byte limit on input read whole (1/"
+                     f"{READ_MEMORY_FACTOR} of the memory available, as reading needs about "
+                     f"{READ_MEMORY_FACTOR}x the text size); convert it to Parquet, which is "
+                     f"streamed, or set ${INPUT_LIMIT_ENV} to raise the limit")
 
 
 # --- detection -------------------------------------------------------------------------------
@@ -255,7 +306,7 @@ def _sample_lines(path: Path, head: bytes, gz: bool, complete: bool) -> list[str
 
 def _is_amazon_review(line: str) -> bool:
     try:
-        obj = json.loads(line)
+        obj = json_loads(line)
     except ValueError:
         return False
     return isinstance(obj, dict) and "reviewerID" in obj and "asin" in obj
@@ -407,7 +458,7 @@ def _read_jsonl(src: _Source, columns: ColumnMap) -> pd.DataFrame:
         if not stripped:
             continue
         try:
-            obj = json.loads(stripped)
+            obj = json_loads(stripped)
         except json.JSONDecodeError as e:
             raise DataError(f"{src}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); each "
                             "line must hold one JSON object") from None
@@ -460,9 +511,49 @@ def _read_parquet(src: _Source, columns: ColumnMap) -> pd.DataFrame:
         raise _empty(src, "it has no rows")
     raw: dict[str, pd.Series] = {}
     for role, index in roles.items():
-        series = table.column(index).to_pandas()
-        raw[role] = _parquet_ids(series) if role in _REQUIRED else series
+        column = table.column(index)
+        if role in _REQUIRED:
+            raw[role] = _parquet_ids(arrow_ids(src, names[index], column).to_pandas())
+        else:
+            raw[role] = column.to_pandas()
     return _finish(src, raw, {r: names[i] for r, i in roles.items()}, None)
+
+
+def arrow_ids(src: object, name: str, array: Any, start: int = 0) -> Any:
+    """An Arrow id column checked for what cannot be an id, with binary decoded as UTF-8.
+
+    Lists, structs and maps are refused (JSON-lines refuses the same values), and so are bytes
+    that are not UTF-8 text; the error names the column and the first bad row (``start`` is the
+    row number of the array's first value in the file, counted from 0).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        array = array.cast(kind.value_type)
+        kind = kind.value_type
+    if pa.types.is_nested(kind):
+        valid = pc.is_valid(array).to_numpy(zero_copy_only=False)
+        row = int(np.flatnonzero(valid)[0]) if valid.any() else 0
+        raise DataError(f"{src}: row {start + row + 1}: column {name!r} holds {kind} values, "
+                        "not single ids; store one string or integer id per row")
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or \
+            pa.types.is_fixed_size_binary(kind):
+        try:
+            return array.cast(pa.large_string() if pa.types.is_large_binary(kind)
+                              else pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            for row, value in enumerate(array.to_pylist()):
+                if value is not None:
+                    try:
+                        value.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise DataError(f"{src}: row {start + row + 1}: column {name!r} holds "
+                                        f"bytes that are not UTF-8 text ({_show(value)}, byte "
+                                        f"{e.start}); store the ids as UTF-8 strings") from None
+            raise
+    return array
 
 
 def _parquet_ids(series: pd.Series) -> pd.Series:
@@ -523,8 +614,13 @@ def _resolve(src: _Source, names: list[str], columns: ColumnMap, *, header: bool
                                 "pass a column name" + (" or 0-based position" if positional
                                                         else ""))
         elif header:
-            index = next((lowered.index(c.lower()) for c in DEFAULT_NAMES[role]
-                          if c.lower() in lowered), None)
+            usual = {c.lower() for c in DEFAULT_NAMES[role]}
+            matches = [i for i, n in enumerate(lowered) if n in usual]
+            if len(matches) > 1:
+                raise DataError(f"{src}: several columns could be the {role} column: "
+                                f"{', '.join(repr(names[i]) for i in matches)}; pick one with "
+                                f"{_FLAGS[role]} NAME")
+            index = matches[0] if matches else None
             if index is not None:
                 roles[role] = index
             elif role in _REQUIRED:
@@ -667,7 +763,7 @@ def iter_json_objects(path: str | Path, errors: str = "strict") -> Iterator[dict
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json_loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
             if not isinstance(obj, dict):

@@ -55,6 +55,7 @@ import numpy as np
 import pandas as pd
 
 from retr.errors import DataError
+from retr.limits import json_loads
 from retr.utils import atomic_write, atomic_write_json
 
 SHAPES: tuple[str, ...] = ("correlated", "casual", "drifted")
@@ -189,8 +190,8 @@ class SyntheticLog:
                 raise DataError(f"{directory / name}: missing; a saved synthetic log needs "
                                 f"{LOG_FILE}, {PATHWAYS_FILE} and {CONFIG_FILE}")
         try:
-            cfg = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-            pathways = json.loads((directory / PATHWAYS_FILE).read_text(encoding="utf-8"))
+            cfg = json_loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+            pathways = json_loads((directory / PATHWAYS_FILE).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{directory}: synthetic log metadata is not valid JSON "
                             f"({exc})") from None

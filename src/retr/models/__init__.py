@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from retr.config import RunConfig, build_dataclass, register_model_config
+from retr.config import RunConfig, build_dataclass, flat_dict, register_model_config
 from retr.data.dataset import SequenceDataset
 from retr.errors import ConfigError
+from retr.limits import check_model_size
 from retr.models.base import ModelOutput, SequentialRecommender
 from retr.models.bert4rec import BERT4Rec, BERT4RecConfig
 from retr.models.gru4rec import GRU4Rec, GRU4RecConfig
@@ -69,6 +70,7 @@ def build_model(name: str, n_items: int, config: object = None) -> SequentialRec
     elif not isinstance(config, config_cls):
         raise ConfigError(f"model {name!r} needs a {config_cls.__name__}, "
                           f"got {type(config).__name__}")
+    check_model_size(name, n_items, flat_dict(config))  # before any tensor exists
     model: Any = model_cls(n_items, config)
     return model
 

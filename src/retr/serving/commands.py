@@ -102,7 +102,14 @@ def register(subparsers: Any) -> None:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted (default 1 MiB)")
     s.add_argument("--limit-concurrency", type=int, default=64,
-                   help="open connections before new ones get 503")
+                   help="open connections before new ones get 503 (connections waiting for "
+                   "a request are closed first to make room)")
+    s.add_argument("--read-timeout", type=float, default=10.0,
+                   help="seconds a request may take to arrive whole, headers and body "
+                   "(default 10; then 408 and the connection is closed)")
+    s.add_argument("--max-idle", type=int, default=32,
+                   help="connections waiting for a request (silent, slow or keep-alive) before "
+                   "the longest-waiting one is closed (default 32)")
     s.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (default 1: requests already run "
                    "concurrently; 0 = torch's default)")
@@ -265,8 +272,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP API until interrupted."""
-    for name in ("port", "max_batch", "max_body_bytes", "limit_concurrency"):
+    for name in ("port", "max_batch", "max_body_bytes", "limit_concurrency", "max_idle"):
         _check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if not args.read_timeout > 0:
+        raise ConfigError(f"--read-timeout must be > 0 seconds, got {args.read_timeout}")
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
@@ -279,7 +288,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     serve(rec, host=args.host, port=args.port, max_batch=args.max_batch,
           max_body_bytes=args.max_body_bytes, titles=_titles(rec, args.data_dir),
-          limit_concurrency=args.limit_concurrency)
+          limit_concurrency=args.limit_concurrency, read_timeout=args.read_timeout,
+          max_idle=args.max_idle)
     return 0
 
 

@@ -10,6 +10,9 @@ Annotations here are evaluated eagerly (no ``from __future__ import annotations`
 and pydantic read the request models, which are built per app from its limits, at runtime.
 """
 
+import asyncio
+import logging
+import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any, Literal
 
@@ -17,6 +20,7 @@ from retr import __version__
 from retr.errors import RetrError
 from retr.explain.pathway import explain_history
 from retr.serving.recommender import Recommender
+from retr.utils import is_unicode_text
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -102,6 +106,9 @@ def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
 def _item_id(value: Any) -> str:
     """Item ids are strings; integers are accepted as their decimal string, nothing else."""
     if isinstance(value, str):
+        if not is_unicode_text(value):
+            raise ValueError(f"item id {ascii(value)} is not valid Unicode text (a lone "
+                             "surrogate such as \\ud800); send ids as UTF-8 text")
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
@@ -222,11 +229,114 @@ def create_app(recommender: Recommender, max_batch: int = DEFAULT_MAX_BATCH,
     return app
 
 
-def serve(recommender: Recommender, host: str = "127.0.0.1", port: int = 8000,
-          max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-          titles: dict[str, str] | None = None, limit_concurrency: int = 64,
-          log_level: str = "info") -> None:
-    """Run the app with uvicorn until interrupted (loopback only unless ``host`` says otherwise)."""
+DEFAULT_READ_TIMEOUT = 10.0
+DEFAULT_MAX_IDLE = 32
+MAX_HEADER_BYTES = 16 * 1024
+
+
+def guarded_protocol(read_timeout: float = DEFAULT_READ_TIMEOUT,
+                     max_idle: int = DEFAULT_MAX_IDLE) -> type:
+    """uvicorn's h11 protocol with a request read deadline and a cap on idle connections.
+
+    uvicorn counts open connections against ``limit_concurrency``, and a connection that never
+    sends a byte (or sends its headers one byte at a time) holds its slot until the client gives
+    up. This protocol:
+
+    * gives every request ``read_timeout`` seconds, from the connection's start or the end of the
+      previous response, to arrive whole (headers and body); past it, a connection that sent
+      nothing is closed, one that sent part of a request gets 408 and is closed;
+    * counts the connections that are waiting for a request (silent, slow, or idle keep-alive)
+      and closes the longest-waiting one when a new connection would make them more than
+      ``max_idle``, or when every concurrency slot is taken: silent clients cannot hold the
+      slots that clients with requests need.
+    """
+    if read_timeout <= 0 or max_idle < 1:
+        raise ValueError("read_timeout must be > 0 and max_idle >= 1")
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    waiting_by_state: weakref.WeakKeyDictionary[Any, dict[Any, None]] = weakref.WeakKeyDictionary()
+
+    class GuardedH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+        _partial = False  # part of a request has arrived since the deadline was set
+
+        def _waiting(self) -> dict[Any, None]:
+            return waiting_by_state.setdefault(self.server_state, {})
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            limit = self.limit_concurrency
+            waiting = self._waiting()
+            while waiting and (len(waiting) >= max_idle
+                               or (limit is not None and len(self.connections) >= limit)):
+                oldest = next(iter(waiting))
+                oldest._drop("closed to make room: idle or silent connection")
+            self._start_waiting()
+
+        def _start_waiting(self) -> None:
+            self._stop_waiting()
+            self._partial = False
+            self._waiting()[self] = None
+            self._deadline = self.loop.call_later(read_timeout, self._expire)
+
+        def _stop_waiting(self) -> None:
+            self._waiting().pop(self, None)
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _drop(self, why: str) -> None:
+            self._stop_waiting()
+            self.connections.discard(self)
+            if self.logger.isEnabledFor(logging.DEBUG):
+                self.logger.debug("%s - %s", self.client, why)
+            started = self.cycle is not None and self.cycle.response_started
+            if self._partial and not started and self.conn.our_state is not h11.ERROR:
+                self._send_408()
+            self.transport.close()
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self._drop(f"no whole request within {read_timeout:g} s")
+
+        def _send_408(self) -> None:
+            # written directly: h11 will not send a response before it has read a request
+            body = b'{"detail": "request not received in time"}'
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json"
+                                 b"\r\nconnection: close\r\ncontent-length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+        def data_received(self, data: bytes) -> None:
+            if data:
+                self._partial = True
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR):
+                self._stop_waiting()  # the whole request is in: the app has it
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._start_waiting()  # keep-alive: the next request gets its own deadline
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_waiting()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def server_config(recommender: Recommender, host: str = "127.0.0.1", port: int = 8000,
+                  max_batch: int = DEFAULT_MAX_BATCH,
+                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                  titles: dict[str, str] | None = None, limit_concurrency: int = 64,
+                  log_level: str = "info", read_timeout: float = DEFAULT_READ_TIMEOUT,
+                  max_idle: int = DEFAULT_MAX_IDLE) -> Any:
+    """The ``uvicorn.Config`` that :func:`serve` runs (``port=0`` picks a free port)."""
     try:
         import uvicorn
     except ImportError:
@@ -234,5 +344,26 @@ def serve(recommender: Recommender, host: str = "127.0.0.1", port: int = 8000,
                         "pip install fastapi uvicorn") from None
     app = create_app(recommender, max_batch=max_batch, max_body_bytes=max_body_bytes,
                      titles=titles)
-    uvicorn.run(app, host=host, port=port, limit_concurrency=limit_concurrency,
-                log_level=log_level, timeout_keep_alive=5)
+    return uvicorn.Config(app, host=host, port=port, limit_concurrency=limit_concurrency,
+                          log_level=log_level, timeout_keep_alive=5,
+                          http=guarded_protocol(read_timeout, max_idle),
+                          h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+
+
+def serve(recommender: Recommender, host: str = "127.0.0.1", port: int = 8000,
+          max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+          titles: dict[str, str] | None = None, limit_concurrency: int = 64,
+          log_level: str = "info", read_timeout: float = DEFAULT_READ_TIMEOUT,
+          max_idle: int = DEFAULT_MAX_IDLE) -> None:
+    """Run the app with uvicorn until interrupted (loopback only unless ``host`` says otherwise).
+
+    Slow or silent clients are bounded by :func:`guarded_protocol` (``read_timeout`` seconds per
+    request, at most ``max_idle`` connections waiting for one).
+    """
+    import uvicorn
+
+    config = server_config(recommender, host=host, port=port, max_batch=max_batch,
+                           max_body_bytes=max_body_bytes, titles=titles,
+                           limit_concurrency=limit_concurrency, log_level=log_level,
+                           read_timeout=read_timeout, max_idle=max_idle)
+    uvicorn.Server(config).run()

@@ -23,12 +23,13 @@ from retr.config import RunConfig, flat_dict
 from retr.data.dataset import Vocabulary
 from retr.errors import RetrError, RunDirError
 from retr.evaluation.ranking import states_of, topk_items
+from retr.manifest import verify_manifest
 from retr.models import build_run_model
 from retr.models.base import SequentialRecommender
 from retr.models.pop import Pop
 from retr.runs import ITEM_COUNTS_FILE, load_config, load_item_counts
 from retr.training.checkpoint import load_weights
-from retr.utils import read_json
+from retr.utils import is_unicode_text, read_json
 
 UNKNOWN_POLICIES = ("skip", "error")
 EMPTY_POLICIES = ("error", "popularity")
@@ -95,6 +96,10 @@ def _check_policy(name: str, value: str, valid: tuple[str, ...]) -> str:
 def _as_external(item: object, where: str) -> str:
     """External ids are strings in the vocabulary; integers are accepted and converted."""
     if isinstance(item, str):
+        if not is_unicode_text(item):
+            raise RequestError(f"{where}: item id {ascii(item)} is not valid Unicode text (it "
+                               "holds a lone surrogate such as a JSON \\ud800 escape); send ids "
+                               "as UTF-8 text")
         return item
     if isinstance(item, numbers.Integral) and not isinstance(item, bool):
         return str(int(item))
@@ -148,6 +153,9 @@ class Recommender:
              empty: str = "error", weights: str = "model.safetensors") -> Recommender:
         """Load a run directory's selected weights; the training data is not needed."""
         run_dir = Path(run_dir)
+        if run_dir.is_dir():
+            verify_manifest(run_dir, ["config.json", "vocab.json", weights, "results.json",
+                                      ITEM_COUNTS_FILE])
         cfg = load_config(run_dir)
         vocab = Vocabulary.load(run_dir / "vocab.json")
         model = build_run_model(cfg, vocab.n_items)

@@ -22,7 +22,6 @@ Two encoders:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from retr.errors import RetrError
+from retr.limits import json_loads
 from retr.utils import atomic_write, atomic_write_json
 
 CACHE_FORMAT_VERSION = 1
@@ -188,7 +188,7 @@ def _cached(npy: Path, meta: Path, fp: str, n: int, dim: int) -> np.ndarray | No
     if not (npy.is_file() and meta.is_file()):
         return None
     try:
-        info = json.loads(meta.read_text(encoding="utf-8"))
+        info = json_loads(meta.read_text(encoding="utf-8"))
         array = np.load(npy, allow_pickle=False)
     except (OSError, ValueError, UnicodeDecodeError):
         return None

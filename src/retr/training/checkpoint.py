@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from retr.errors import RunDirError
+from retr.manifest import check_format_version
 from retr.utils import atomic_write
 
 RUN_FORMAT_VERSION = "1"
@@ -65,8 +66,18 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
                           "the first epoch ended?")
     try:
         state = load_file(str(path))
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise RunDirError(f"{path}: corrupted or truncated weights file ({exc})") from None
+    check_format_version(meta, path, (RUN_FORMAT_VERSION,))
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        want = expected.get(key)
+        if want is not None and tuple(want.shape) != tuple(tensor.shape):
+            raise RunDirError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the model "
+                              f"in config.json needs {tuple(want.shape)}; the weights belong to "
+                              "another configuration or vocabulary")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RunDirError(f"{path}: weights do not match the model in config.json "
