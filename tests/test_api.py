@@ -118,7 +118,15 @@ def test_old_run_directory_still_loads() -> None:
     """A run directory written by release 0.1.0 loads, evaluates and serves as it did."""
     old = json.loads((OLD_RUN / "config.json").read_text())
     cfg = retr.load_config(OLD_RUN)
-    assert cfg.to_dict() == old
+    new = cfg.to_dict()
+    # router options added since read with the behaviour the old code had, the rest unchanged
+    assert new["model"].pop("route_sample") == "weighted"
+    assert new["model"].pop("query_bias") == "always"
+    for key, default in {"omega_floor": 0.0, "keep_target": 0.0, "keep_weight": 0.0,
+                         "inference_rule": "mode", "router_target": "task",
+                         "distill_weight": 1.0}.items():
+        assert new["model"].pop(key) == default
+    assert new == old
     run = retr.load_run(OLD_RUN)
     recorded = json.loads((OLD_RUN / "results.json").read_text())
     for row in recorded["results"]:

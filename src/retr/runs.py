@@ -30,6 +30,7 @@ from retr.errors import DataError, RunDirError
 from retr.evaluation.protocol import evaluate
 from retr.models import build_run_model
 from retr.models.base import SequentialRecommender
+from retr.models.pathway import LEGACY_OPTIONS
 from retr.training import distributed
 from retr.training.checkpoint import (
     RUN_FORMAT_VERSION,
@@ -53,11 +54,20 @@ class LoadedRun:
 
 
 def load_config(run_dir: str | Path) -> RunConfig:
-    """The resolved config a run was made with."""
+    """The resolved config a run was made with.
+
+    A router model's config.json written before a router option existed is read with the
+    behaviour that code had (``LEGACY_OPTIONS``: the weighted sampling, the query bias on
+    every token), so an old run evaluates as it did.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no such run directory")
-    return RunConfig.from_dict(read_json(run_dir / "config.json"), str(run_dir / "config.json"))
+    raw = read_json(run_dir / "config.json")
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if isinstance(model, dict) and "router" in model:
+        raw = {**raw, "model": {**LEGACY_OPTIONS, **model}}
+    return RunConfig.from_dict(raw, str(run_dir / "config.json"))
 
 
 def load_run(run_dir: str | Path, weights: str = "model.safetensors") -> LoadedRun:
