@@ -28,6 +28,7 @@ from retr.data.negatives import sample_negatives
 from retr.data.splits import RunData, Split, make_split
 from retr.errors import DataError, RunDirError
 from retr.evaluation.protocol import evaluate
+from retr.evaluation.routes import route_statistics
 from retr.models import build_run_model
 from retr.models.base import SequentialRecommender
 from retr.models.pathway import LEGACY_OPTIONS
@@ -281,7 +282,8 @@ def final_evaluation(cfg: RunConfig, model: SequentialRecommender, data: RunData
     """Evaluate the selected weights on validation and, once, on test; write results.json.
 
     ``summary`` (how training ended: epochs run, best epoch, what stopped it) is recorded
-    under ``"training"``.
+    under ``"training"``; a model with a pathway router also gets its route statistics on
+    the test examples under ``"routes"`` (:func:`retr.evaluation.routes.route_statistics`).
     """
     results: dict[str, Any] = {
         "model": cfg.model_name, "dataset": data.dataset.name, "seed": cfg.seed,
@@ -295,5 +297,9 @@ def final_evaluation(cfg: RunConfig, model: SequentialRecommender, data: RunData
             res = evaluate(model, data.dataset, data.split.examples(part), protocol, cfg.eval,
                            data.negatives[part], progress=progress_bars(cfg.train.progress))
             results["results"].append({"split": part, **res})
+    routes = route_statistics(model, data.dataset, data.split.examples("test"), cfg.data.source,
+                              seed=cfg.seed)
+    if routes is not None:
+        results["routes"] = routes
     atomic_write_json(run_dir / "results.json", results)
     return results
