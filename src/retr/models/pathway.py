@@ -331,6 +331,20 @@ class PathwayRouter(nn.Module):
         return opts.keep_weight * (expected - opts.keep_target) ** 2 * (count > 0)  # [B]
 
 
+def inference_rule_text(options: RouterOptions) -> str:
+    """In words, the rule that decides a token's route when the model runs in eval mode."""
+    if options.router == "random":
+        return f"random: kept with probability {options.random_keep_prob:g}, drawn at inference too"
+    if options.inference_route == "sample":
+        return "drawn as in training (inference_route = sample): the route changes between calls"
+    if options.router_target == "attention" or options.inference_rule == "topk":
+        return (f"kept iff among the round({options.keep_target:g} x n_t) highest keep "
+                "probabilities of its own prefix (top-k, ours)")
+    if options.route_sample == "weighted" and options.gumbel == "adaptive":
+        return "kept iff the drawn probability sigma(omega x logit alpha) >= 1/2 (omega = 0 keeps)"
+    return "kept iff alpha >= 1/2 (the paper's sampling: the drawn probability is alpha)"
+
+
 @contextmanager
 def training_routes(model: nn.Module) -> Iterator[None]:
     """Inside, every router of ``model`` draws its route as in training (noise, or the top-k
