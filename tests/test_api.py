@@ -117,12 +117,20 @@ def test_router_options_keep_flat_keys() -> None:
 def test_old_run_directory_still_loads() -> None:
     """A run directory written by release 0.1.0 loads, evaluates and serves as it did."""
     old = json.loads((OLD_RUN / "config.json").read_text())
-    cfg = retr.load_config(OLD_RUN).to_dict()
+    cfg = retr.load_config(OLD_RUN)
+    new = cfg.to_dict()
+    # router options added since read with the behaviour the old code had
+    assert new["model"]["route_sample"] == "weighted"
+    assert new["model"]["query_bias"] == "always"
+    for key, default in {"omega_floor": 0.0, "keep_target": 0.0, "keep_weight": 0.0,
+                         "inference_rule": "mode", "router_target": "task",
+                         "distill_weight": 1.0}.items():
+        assert new["model"][key] == default
     for section, values in old.items():  # every old value kept; keys added since take defaults
         if isinstance(values, dict):
-            assert {k: cfg[section][k] for k in values} == values, section
+            assert {k: new[section][k] for k in values} == values, section
         else:
-            assert cfg[section] == values
+            assert new[section] == values
     run = retr.load_run(OLD_RUN)
     recorded = json.loads((OLD_RUN / "results.json").read_text())
     for row in recorded["results"]:

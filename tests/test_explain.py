@@ -100,3 +100,31 @@ def test_item_titles(tmp_path: Path):
     rec = _model_or_skip("sasrec", hidden_size=16, num_heads=2, max_len=6)
     out = explain_history(rec, ["m1", "m2"], k=1, titles={"m1": "First movie"})
     assert out["labels"] == ["First movie", "m2"]
+
+
+@pytest.mark.parametrize("route_sample", ["paper", "weighted"])
+def test_explain_shows_the_drawn_probability_and_a_route_that_follows_the_rule(route_sample,
+                                                                               tmp_path):
+    """The route is red exactly where the eval-mode rule keeps it: under the weighted sampling
+    with ω = 0 a token is kept although α < 1/2, and the drawn-with probability (1/2) says so."""
+    rec = _model_or_skip("retr", hidden_size=16, num_heads=2, num_layers=2, max_len=8,
+                         ffn_size=16, router_hidden=8, route_sample=route_sample)
+    with torch.no_grad():  # ω = 0 everywhere: the dead zone
+        for block in rec.model.blocks:
+            block.attn.router.omega_mlp[-1].weight.zero_()
+            block.attn.router.omega_mlp[-1].bias.fill_(-1.0)
+    out = explain_history(rec, [f"m{i}" for i in (3, 1, 4, 1, 5, 9, 2)], k=3)
+    prev = [1] * len(out["tokens"])
+    for layer in out["layers"]:
+        drawn, alpha = np.array(layer["sample_prob"]), np.array(layer["keep_prob"])
+        assert layer["omega"] == [0.0] * len(drawn)
+        if route_sample == "paper":
+            np.testing.assert_allclose(drawn, alpha)
+            assert "alpha >= 1/2" in layer["rule"]
+        else:
+            np.testing.assert_allclose(drawn, 0.5)
+            assert "omega = 0 keeps" in layer["rule"]
+        expect = [int(p and d >= 0.5) for p, d in zip(prev, drawn, strict=True)]
+        assert layer["route"] == expect
+        prev = layer["route"]
+    assert draw_pathway(out, tmp_path / "p.png").read_bytes()[:8] == PNG

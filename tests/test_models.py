@@ -202,21 +202,38 @@ def test_attention_rows_are_distributions_over_allowed_keys(key: str) -> None:
         assert (w.masked_select(~real[:, None, :, None].expand_as(w)) == 0).all()  # pad queries
 
 
-def test_off_route_query_equals_attention_with_zero_query() -> None:
+@pytest.mark.parametrize("query_bias", ["on_route", "always"])
+def test_off_route_query_equals_attention_with_zero_query(query_bias: str) -> None:
+    """on_route (default): Q = (R ⊙ Z) W_Q + R b_Q, an off-route query is 0 and its attention
+    is uniform over its causal prefix; always: it is b_Q, the zero vector through W_Q + b_Q."""
     torch.manual_seed(0)
     mha = MultiHeadAttention(D, 2, 0.0, causal=True, out_proj=False)
-    router = PathwayRouter(D, RouterOptions(router="random", random_keep_prob=0.5))
+    with torch.no_grad():
+        mha.query.bias.normal_()  # a bias to tell the two readings apart
+    router = PathwayRouter(D, RouterOptions(router="random", random_keep_prob=0.5,
+                                            query_bias=query_bias))
     layer = PathwayAttention(mha, router).eval()
     z = torch.randn(4, N, D)
     real = batch() != 0
     with torch.no_grad():
-        out, _, route, _ = layer(z, z, real, real.float())
+        torch.manual_seed(1)
+        out, weights, route, _ = layer(z, z, real, real.float(), output_attentions=True)
         plain, _ = mha(z, z, real)  # every query on the route
         zero, _ = mha(torch.zeros_like(z), z, real)  # every query built from the zero vector
+        no_bias, _ = mha(torch.zeros_like(z), z, real,
+                         query_gate=torch.zeros(4, N))  # the zero query itself
     on, off = route.bool(), real & ~route.bool()
     assert on.any() and off.any()
     torch.testing.assert_close(out[on], plain[on])
-    torch.testing.assert_close(out[off], zero[off])
+    if query_bias == "always":
+        torch.testing.assert_close(out[off], zero[off])
+        assert not torch.allclose(out[off], no_bias[off])
+    else:
+        torch.testing.assert_close(out[off], no_bias[off])
+        prefix = (real[:, None, :] & torch.ones(N, N, dtype=torch.bool).tril())  # [B, N, N]
+        uniform = prefix / prefix.sum(-1, keepdim=True).clamp_min(1)
+        for h in range(2):
+            torch.testing.assert_close(weights[:, h][off], uniform[off].float())
 
 
 # ---------------------------------------------------------------- routes

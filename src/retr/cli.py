@@ -20,6 +20,7 @@ from retr.data.load import load_dataset
 from retr.errors import ConfigError, RetrError
 from retr.evaluation.protocol import evaluate
 from retr.evaluation.report import results_table, run_results_rows
+from retr.evaluation.routes import route_statistics, routes_table
 from retr.runs import load_config, load_run, train
 from retr.serving.commands import COMMANDS as SERVING_COMMANDS
 from retr.serving.commands import register as register_serving
@@ -198,13 +199,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        cfg.eval, run.data.negatives[args.split],
                        progress=progress_bars(cfg.train.progress))
         rows.append((cfg.model_name, {"split": args.split, **res}))
+    source = None if cfg.data.domains else cfg.data.source  # planted pathways: one source
+    routes = route_statistics(run.model, run.data.dataset, run.data.split.examples(args.split),
+                              source, seed=cfg.seed)
     if args.json:
         out = {"model": cfg.model_name, "dataset": run.data.dataset.name, "seed": cfg.seed,
                "split_kind": cfg.split.kind, "data_fingerprint": run.data.dataset.fingerprint(),
                "results": [r for _, r in rows]}
+        if routes is not None:
+            out["routes"] = routes
         print(json.dumps(out, indent=2))
     else:
         print(results_table(rows))
+        if routes is not None:
+            print()
+            print(routes_table(routes))
     return 0
 
 

@@ -28,9 +28,11 @@ from retr.data.negatives import sample_negatives
 from retr.data.splits import RunData, Split, make_split
 from retr.errors import DataError, RunDirError
 from retr.evaluation.protocol import evaluate
+from retr.evaluation.routes import route_statistics
 from retr.manifest import check_format_version, remove_manifest, verify_manifest, write_manifest
 from retr.models import build_run_model
 from retr.models.base import SequentialRecommender
+from retr.models.pathway import LEGACY_OPTIONS
 from retr.training import distributed
 from retr.training.checkpoint import (
     RUN_FORMAT_VERSION,
@@ -54,12 +56,20 @@ class LoadedRun:
 
 
 def load_config(run_dir: str | Path) -> RunConfig:
-    """The resolved config a run was made with."""
+    """The resolved config a run was made with.
+
+    A router model's config.json written before a router option existed is read with the
+    behaviour that code had (``LEGACY_OPTIONS``: the weighted sampling, the query bias on
+    every token), so an old run evaluates as it did.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no such run directory")
     raw = read_json(run_dir / "config.json")
     check_format_version(raw, run_dir / "config.json", (CONFIG_FORMAT_VERSION,))
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if isinstance(model, dict) and "router" in model:
+        raw = {**raw, "model": {**LEGACY_OPTIONS, **model}}
     return RunConfig.from_dict(raw, str(run_dir / "config.json"))
 
 
@@ -277,7 +287,8 @@ def final_evaluation(cfg: RunConfig, model: SequentialRecommender, data: RunData
     """Evaluate the selected weights on validation and, once, on test; write results.json.
 
     ``summary`` (how training ended: epochs run, best epoch, what stopped it) is recorded
-    under ``"training"``.
+    under ``"training"``; a model with a pathway router also gets its route statistics on
+    the test examples under ``"routes"`` (:func:`retr.evaluation.routes.route_statistics`).
     """
     results: dict[str, Any] = {
         "model": cfg.model_name, "dataset": data.dataset.name, "seed": cfg.seed,
@@ -291,6 +302,11 @@ def final_evaluation(cfg: RunConfig, model: SequentialRecommender, data: RunData
             res = evaluate(model, data.dataset, data.split.examples(part), protocol, cfg.eval,
                            data.negatives[part], progress=progress_bars(cfg.train.progress))
             results["results"].append({"split": part, **res})
+    source = None if cfg.data.domains else cfg.data.source  # planted pathways: one source
+    routes = route_statistics(model, data.dataset, data.split.examples("test"), source,
+                              seed=cfg.seed)
+    if routes is not None:
+        results["routes"] = routes
     atomic_write_json(run_dir / "results.json", results)
     write_manifest(run_dir)  # last: the run is complete
     return results

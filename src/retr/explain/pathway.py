@@ -2,11 +2,19 @@
 
 :func:`explain_history` runs the served model once with ``output_attentions=True`` on exactly
 the window the recommendation uses, and returns per layer the route R^l (RETR: which behaviors
-are on the pathway), the keep probabilities alpha and the head-averaged attention over the real
-tokens. Models without a router give attention alone; models without attention (GRU4Rec, pop)
-give no layers. :func:`draw_pathway` turns that into a PNG heatmap per layer, like the paper's
-figures: keep probabilities on top, coloured by route, the attention map below. Drawing uses matplotlib's object API (Agg canvas, no pyplot), so
-it never changes the caller's backend and is safe from server threads.
+are on the pathway), the keep probabilities alpha, the probability each token's route was
+drawn with in training (``sample_prob``: alpha under the paper's sampling, sigma(omega x
+logit alpha) under the "weighted" one), omega, the rule the eval-mode route applied
+(``rule``), and the head-averaged attention over the real tokens. Models without a router
+give attention alone; models without attention (GRU4Rec, pop) give no layers.
+
+:func:`draw_pathway` turns that into a PNG per layer, like the paper's figures: on top, bars
+of the drawn-with probability coloured by the route actually taken (red: on the pathway; grey:
+dropped by this layer; pale: dropped by an earlier layer, since routes are hierarchical), alpha
+as dots, and the 1/2 line when the rule is a threshold on that bar; the attention map below.
+A token is red exactly when the route keeps it, whatever alpha says. Drawing uses
+matplotlib's object API (Agg canvas, no pyplot), so it never changes the caller's backend and
+is safe from server threads.
 """
 
 from __future__ import annotations
@@ -19,11 +27,13 @@ import torch
 
 from retr.errors import RetrError
 from retr.explain.titles import shorten
+from retr.models.pathway import PathwayRouter, inference_rule_text
 from retr.serving.recommender import EmptyHistoryError, Recommender
 
 MASK_TOKEN = "[mask]"
 ON_COLOUR = "tab:red"
-OFF_COLOUR = "lightgray"
+OFF_COLOUR = "darkgray"
+EARLIER_COLOUR = "gainsboro"  # dropped by an earlier layer (hierarchical routes)
 
 
 def _rounded(values: torch.Tensor, digits: int = 6) -> list[Any]:
@@ -57,16 +67,24 @@ def explain_history(recommender: Recommender, history: object, k: int = 10,
     tokens = items + ([MASK_TOKEN] if cloze else [])
     n = len(tokens)
     n_layers = max(len(out.attentions or []), len(out.routes or []))
+    routers = [m for m in model.modules() if isinstance(m, PathwayRouter)]
+    rule = inference_rule_text(routers[0].options) if routers else None
     layers = []
     for layer in range(n_layers):
         entry: dict[str, Any] = {"layer": layer + 1, "route": None, "keep_prob": None,
+                                 "sample_prob": None, "omega": None, "rule": None,
                                  "pathway": None, "attention": None}
         if out.routes is not None:
             route = out.routes[layer][0, -n:]  # [n] R^l
             entry["route"] = [int(round(float(r))) for r in route.tolist()]
             entry["pathway"] = [t for t, r in zip(tokens, entry["route"], strict=True) if r]
+            entry["rule"] = rule
         if out.keep_probs is not None:
             entry["keep_prob"] = _rounded(out.keep_probs[layer][0, -n:])  # [n] alpha
+        if out.sample_probs is not None:
+            entry["sample_prob"] = _rounded(out.sample_probs[layer][0, -n:])  # [n] drawn with
+        if out.omegas is not None and layer < len(out.omegas):
+            entry["omega"] = _rounded(out.omegas[layer][0, -n:])  # [n] ω
         if out.attentions is not None:
             att = out.attentions[layer][0].mean(dim=0)[-n:, -n:]  # [n, n] heads averaged
             entry["attention"] = _rounded(att)
@@ -122,17 +140,26 @@ def draw_pathway(explanation: dict[str, Any], path: str | Path, dpi: int = 120) 
     axes = fig.subplots(2, len(layers), gridspec_kw={"height_ratios": ratios}, squeeze=False,
                         sharex="col")
     image = None
+    before = [True] * n  # on the route of the previous layer
     for col, layer in enumerate(layers):
         top, heat = axes[0, col], axes[1, col]
         route = layer["route"]
         on = [bool(r) for r in route] if route is not None else [True] * n
         if layer["keep_prob"] is not None:
-            colours = [ON_COLOUR if keep else OFF_COLOUR for keep in on]
-            top.bar(range(n), layer["keep_prob"], color=colours, width=0.85)
+            colours = [ON_COLOUR if keep else OFF_COLOUR if prev else EARLIER_COLOUR
+                       for keep, prev in zip(on, before, strict=True)]
+            drawn = layer.get("sample_prob") or layer["keep_prob"]
+            top.bar(range(n), drawn, color=colours, width=0.85)
+            top.plot(range(n), layer["keep_prob"], "k.", markersize=4, label="alpha")
+            rule = layer.get("rule") or ""
+            if ">= 1/2" in rule:  # a threshold on the bar: red exactly when the bar reaches it
+                top.axhline(0.5, color="black", linewidth=0.6, linestyle="--")
             top.set_ylim(0, 1)
-            top.set_ylabel("keep prob.")
+            top.set_ylabel("drawn-with prob.")
             top.tick_params(labelbottom=False)
-            top.set_title(f"layer {layer['layer']}: {sum(on)}/{n} on the pathway (red)")
+            top.set_title(f"layer {layer['layer']}: {sum(on)}/{n} on the pathway (red)\n"
+                          f"{rule}", fontsize=8)
+            before = on
         else:
             top.axis("off")
         if layer["attention"] is not None:

@@ -26,12 +26,19 @@ class ModelOutput:
     attentions: per layer [B, h, N, N] attention weights, only when asked.
     routes: per layer [B, N] binary route R^l (RETR and pathway attention), only when asked.
     keep_probs: per layer [B, N] keep probability alpha_t, only when asked.
+    sample_probs: per layer [B, N] probability that the training decision keeps the token
+        (the paper's sampling: alpha_t; the weighted sampling: sigmoid(omega_t logit_t)), when asked.
+    omegas: per layer [B, N] the adaptive Gumbel-Softmax weight omega_t, when asked.
+    extras: model-specific tensors; ``"aux_loss"`` [B] is an auxiliary loss per row that the
+        trainer adds (its mean) to the task loss.
     """
 
     hidden: torch.Tensor
     attentions: list[torch.Tensor] | None = None
     routes: list[torch.Tensor] | None = None
     keep_probs: list[torch.Tensor] | None = None
+    sample_probs: list[torch.Tensor] | None = None
+    omegas: list[torch.Tensor] | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 

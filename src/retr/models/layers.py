@@ -11,6 +11,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from retr.models.base import ModelOutput
@@ -210,16 +211,24 @@ class MultiHeadAttention(nn.Module):
         self.out: nn.Module = nn.Linear(dim, dim) if out_proj else nn.Identity()
 
     def forward(self, query_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
-                output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                output_attentions: bool = False, query_gate: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (output [B, Nq, d], weights [B, h, Nq, N] or None); padding query rows are 0.
 
         The Nq queries are the last Nq of the N key positions (Nq = N in training; Nq = 1 when
         only the next-item state is needed), ``real`` [B, N] marks the real keys.
+        ``query_gate`` [B, Nq] multiplies the query projection's bias: Q = X W_Q + gate ⊙ b_Q
+        (pathway attention passes its route, so an off-route query is exactly zero).
         """
         b, nq, d = query_in.shape
         n = kv_in.shape[1]
         h, dh = self.heads, d // self.heads
-        q = self.query(query_in).view(b, nq, h, dh).transpose(1, 2)  # [B, h, Nq, d/h]
+        if query_gate is None:
+            q_flat = self.query(query_in)  # [B, Nq, d] X W_Q + b_Q
+        else:
+            q_flat = (F.linear(query_in, self.query.weight)
+                      + query_gate.unsqueeze(-1) * self.query.bias)  # [B, Nq, d]
+        q = q_flat.view(b, nq, h, dh).transpose(1, 2)  # [B, h, Nq, d/h]
         k = self.key(kv_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
         v = self.value(kv_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
         q_real = real[:, n - nq:]  # [B, Nq]
@@ -243,11 +252,21 @@ class MultiHeadAttention(nn.Module):
         return self.out(y), weights
 
 
+class RouteInfo(NamedTuple):
+    """What a routed attention module says about its route besides R^l itself."""
+
+    keep_prob: torch.Tensor  # [B, N] α (the random router: its p)
+    sample_prob: torch.Tensor  # [B, N] probability that the training decision keeps the token
+    omega: torch.Tensor | None  # [B, N] ω of the adaptive Gumbel-Softmax (learned router)
+    aux_loss: torch.Tensor | None  # [B] this layer's auxiliary loss per row (training only)
+
+
 class BlockOutput(NamedTuple):
     x: torch.Tensor  # [B, N, d] block output
     route: torch.Tensor | None  # [B, N] R^l (pathway attention) or the unchanged input route
     attention: torch.Tensor | None  # [B, h, N, N] when asked
     keep_prob: torch.Tensor | None  # [B, N] α (pathway attention) when asked
+    info: RouteInfo | None = None  # the routed attention's RouteInfo (pathway attention)
 
 
 class TransformerBlock(nn.Module):
@@ -280,12 +299,12 @@ class TransformerBlock(nn.Module):
 
     def _attend(self, q_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
                 route: torch.Tensor | None, output_attentions: bool) -> tuple[
-                    torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                    torch.Tensor, torch.Tensor | None, torch.Tensor | None, RouteInfo | None]:
         if self.routed:
             if route is None:
                 route = real.to(q_in.dtype)  # R^0 = 1 on every real token
-            out, weights, route, keep = self.attn(q_in, kv_in, real, route, output_attentions)
-            return out, weights, route, keep
+            out, weights, route, info = self.attn(q_in, kv_in, real, route, output_attentions)
+            return out, weights, route, info
         out, weights = self.attn(q_in, kv_in, real, output_attentions)
         return out, weights, route, None
 
@@ -300,27 +319,37 @@ class TransformerBlock(nn.Module):
             raise ValueError("last_only needs self-attention: the router reads every token")
         xq = x[:, -1:] if last_only else x  # the positions whose output is computed
         if self.norm == "post":
-            a, weights, route, keep = self._attend(xq, x, real, route, output_attentions)
+            a, weights, route, info = self._attend(xq, x, real, route, output_attentions)
             x = self.ln1(xq + self.dropout(a))  # [B, N, d] Ẑ = LN(Attn(Z) + Z)
             x = self.ln2(x + self.ffn(x))  # [B, N, d] Z' = LN(FFN(Ẑ) + Ẑ)
         else:
             q = self.ln1(xq)  # [B, N, d] layer-normed queries
-            a, weights, route, keep = self._attend(q, x, real, route, output_attentions)
+            a, weights, route, info = self._attend(q, x, real, route, output_attentions)
             x = q + a  # [B, N, d]
             h = self.ln2(x)  # [B, N, d]
             x = h + self.ffn(h)  # [B, N, d]
-        if not output_attentions:
-            keep = None
-        return BlockOutput(x, route, weights, keep)
+        keep = info.keep_prob if output_attentions and info is not None else None
+        return BlockOutput(x, route, weights, keep, info)
 
 
 def collect_output(hidden: torch.Tensor, blocks: list[BlockOutput],
                    output_attentions: bool) -> ModelOutput:
-    """ModelOutput with per-layer attentions, routes and keep probabilities when asked."""
+    """ModelOutput with per-layer attentions, routes and router outputs when asked.
+
+    The routers' auxiliary losses (ours, off by default: the pathway budget and the
+    attention-distilled router) are averaged over the layers into ``extras["aux_loss"]``
+    [B], one value per row, whenever a layer made one (in training); the trainer adds its
+    mean to the task loss.
+    """
+    aux = [b.info.aux_loss for b in blocks if b.info is not None and b.info.aux_loss is not None]
+    extras = {"aux_loss": torch.stack(aux).mean(dim=0)} if aux else {}
     if not output_attentions:
-        return ModelOutput(hidden=hidden)
+        return ModelOutput(hidden=hidden, extras=extras)
     attentions = [b.attention for b in blocks if b.attention is not None]
     routes = [b.route for b in blocks if b.route is not None]
-    keep_probs = [b.keep_prob for b in blocks if b.keep_prob is not None]
+    infos = [b.info for b in blocks if b.info is not None]
+    omegas = [i.omega for i in infos if i.omega is not None]
     return ModelOutput(hidden=hidden, attentions=attentions, routes=routes or None,
-                       keep_probs=keep_probs or None)
+                       keep_probs=[i.keep_prob for i in infos] or None,
+                       sample_probs=[i.sample_prob for i in infos] or None,
+                       omegas=omegas or None, extras=extras)

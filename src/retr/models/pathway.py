@@ -8,33 +8,60 @@ attention". In block l, with the incoming states Z = Z^{l-1} [B, N, d] and route
     Z_e  = Z + Z ⊙ g                          step 2 (residual fusion)
     π    = Softmax(MLP_π(Z_e)) = [1-α, α]     step 3 (keep/drop probabilities)
     ω    = ReLU(MLP_ω(Z_e))                   step 4 (adaptive Gumbel-Softmax weight)
-    R̂    = binary keep decision               step 4 (sample in training, see below)
+    R̂    = argmax_j (log π_j + G_j)           step 4 (equation 3; sampled in training)
+    v    = Softmax(ω log π + G)               step 4 (the relaxed sample: gradient only)
     R^l  = R̂ ⊙ R^{l-1}                        step 5 (hierarchical update)
     Q = (R^l ⊙ Z) W_Q,  K = Z W_K,  V = Z W_V  pathway MSA: only queries are routed
 
-Decisions where the paper is silent (spec, "Decisions the paper leaves open"):
+The paper's choices are the defaults; every other behaviour is a RouterOptions switch:
 
+- route_sample="paper" (default): the hard decision is argmax(log π + G), i.e. keep with
+  probability α, and ω enters only the relaxed v that carries the gradient (the same Gumbel
+  noise G in both). route_sample="weighted" draws argmax(ω log π + G) instead, i.e. keep with
+  probability σ(ω·logit α): what the code did before, reproduced bit for bit (runs written
+  before the option existed load with it). With gumbel="fixed" both read argmax(log π + G).
+- Inference (inference_rule="mode", default): no noise, keep t iff the decision it would be
+  drawn with is more likely keep than drop: α_t >= 1/2 under the paper's sampling whatever
+  ω is; under "weighted", ω_t log α_t >= ω_t log(1-α_t) (ties keep, so ω_t = 0 keeps).
+  inference_route="sample" keeps sampling at inference, for analysis.
+- query_bias="on_route" (default): Q = (R ⊙ Z) W_Q + R ⊙ b_Q, so an off-route query is the
+  zero vector and its attention is uniform over its causal prefix, as Q = (R ⊙ Z) W_Q reads;
+  on-route queries are exactly the host's. query_bias="always" adds b_Q to every query (an
+  off-route token then asks a learned, key-dependent question b_Q): the earlier behaviour.
 - pooling="causal" (default): step t pools the on-route tokens i <= t (prefix sums), so a
   causal model never sees the future through its router. pooling="global" is the paper's
   literal pool over all tokens; in a causal model it leaks later items into the route of
   earlier steps (use it for the ablation, or in bidirectional models where it is natural).
-- Training: a hard straight-through sample: the forward pass uses the binary R̂, gradients
-  flow through the relaxed v. Inference: no noise, keep t iff ω_t log α_t >= ω_t log(1-α_t)
-  (with ω_t > 0 that is α_t >= 1/2); inference_route="sample" keeps sampling, for analysis.
-- ω = 0 (the ReLU is inactive): the spec's formula then reads y_j = G_j, i.e. the training
-  decision is a fair coin whatever α is, and no gradient reaches MLP_π or MLP_ω through that
-  token; at inference 0 >= 0 keeps the token. We keep this math as the paper states it. To
-  start away from that dead region, the output bias of MLP_ω is initialised to 1, so at
-  initialisation ω ≈ 1 and the router behaves like the standard Gumbel-Softmax with τ = 1.
+- ω = 0 (the ReLU is inactive): under the paper's sampling the decision is still drawn with
+  α but no gradient reaches MLP_π or MLP_ω through that token (v = Softmax(G)); under
+  "weighted" the decision is a fair coin. To start away from that region, the output bias of
+  MLP_ω is initialised to 1 (ω ≈ 1: the standard Gumbel-Softmax with τ = 1 at first).
 - Padding is never on the route (R^0 = 0 there, and every R̂ is masked), never pooled, and
   never attended to (keys are masked by the attention module).
 - router="random" (the paper's "without router" ablation): R̂ ~ Bernoulli(random_keep_prob),
   independent of the input, in training and at inference alike (seed torch for repeatable
   evaluation). There are no router parameters then.
+
+Beyond the paper (ours, all off by default; docs/METHOD.md, "A pathway budget"):
+
+- omega_floor: ω = floor + ReLU(MLP_ω(Z_e)), closing the ω = 0 dead zone.
+- keep_target ρ with keep_weight λ: a penalty λ (E[keep] - ρ)² per row and layer, with
+  E[keep] = mean over real t of P(keep t) · R^{l-1}_t (the route so far carries the
+  straight-through gradient, so the hierarchy is in the expectation), averaged over layers.
+- inference_rule="topk": keep t iff it is among the round(ρ n_t) candidates (on the route so
+  far) of its own prefix i <= t with the highest keep score (n_t real tokens <= t): a rate-ρ
+  rule that never looks ahead, so causality holds at every position.
+- router_target="attention": the router is distilled from the attention each token receives
+  from later on-route queries of its layer (relative to uniform attention; cross-entropy
+  between the window's softmax of the keep logits and that normalised received attention),
+  and the route is the top-k rule above in training and at inference alike (the task loss
+  no longer reaches the router).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,7 +70,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from retr.errors import ConfigError
-from retr.models.layers import MultiHeadAttention
+from retr.models.layers import MultiHeadAttention, RouteInfo
+
+# Values that RouterOptions keys added after release 0.1.0 had before they were options: a
+# config.json without the key was written by code that behaved like this.
+LEGACY_OPTIONS: dict[str, object] = {"route_sample": "weighted", "query_bias": "always"}
 
 
 @dataclass(frozen=True)
@@ -62,11 +93,22 @@ class RouterOptions:
     pooling: str = "causal"  # "causal" prefix pool | "global" (the paper's literal pool)
     inference_route: str = "deterministic"  # "deterministic" | "sample" (noise at inference)
     router_hidden: int = 64  # hidden width of the three router MLPs (g, π, ω)
+    route_sample: str = "paper"  # "paper": argmax(log π + G) | "weighted": argmax(ω log π + G)
+    query_bias: str = "on_route"  # "on_route": off-route query = 0 | "always": b_Q for all
+    # ours, beyond the paper (all off by default)
+    omega_floor: float = 0.0  # ω = floor + ReLU(MLP_ω): > 0 closes the ω = 0 dead zone
+    keep_target: float = 0.0  # ρ, the target keep rate of the budget (0 = no budget)
+    keep_weight: float = 0.0  # λ of the penalty λ (E[keep] - ρ)² (needs keep_target)
+    inference_rule: str = "mode"  # "mode" (α >= 1/2, the paper) | "topk" (causal top ρ n_t)
+    router_target: str = "task"  # "task" (the paper) | "attention" (distilled, top-k route)
+    distill_weight: float = 1.0  # weight of the distillation loss (router_target="attention")
 
     def __post_init__(self) -> None:
         choices = {"router": ("learned", "random"), "gumbel": ("adaptive", "fixed"),
                    "pooling": ("causal", "global"),
-                   "inference_route": ("deterministic", "sample")}
+                   "inference_route": ("deterministic", "sample"),
+                   "route_sample": ("paper", "weighted"), "query_bias": ("on_route", "always"),
+                   "inference_rule": ("mode", "topk"), "router_target": ("task", "attention")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ConfigError(f"model.{name} must be one of {', '.join(valid)}; "
@@ -77,6 +119,29 @@ class RouterOptions:
             raise ConfigError(f"model.tau must be > 0, got {self.tau}")
         if self.router_hidden < 1:
             raise ConfigError(f"model.router_hidden must be >= 1, got {self.router_hidden}")
+        if self.omega_floor < 0:
+            raise ConfigError(f"model.omega_floor must be >= 0, got {self.omega_floor}")
+        if not 0.0 <= self.keep_target <= 1.0:
+            raise ConfigError(f"model.keep_target must be in [0, 1] (0 = no budget), "
+                              f"got {self.keep_target}")
+        if self.keep_weight < 0 or self.distill_weight < 0:
+            raise ConfigError("model.keep_weight and model.distill_weight must be >= 0")
+        budgeted = self.keep_weight > 0 or self.inference_rule == "topk" \
+            or self.router_target == "attention"
+        if budgeted and self.keep_target == 0.0:
+            raise ConfigError("model.keep_weight, model.inference_rule='topk' and "
+                              "model.router_target='attention' need a model.keep_target in (0, 1]")
+        if budgeted and self.router == "random":
+            raise ConfigError("the random router has no keep budget: use "
+                              "model.random_keep_prob to set its keep rate")
+        if self.router_target == "attention" and self.inference_rule != "topk":
+            raise ConfigError("model.router_target='attention' routes by the top-k rule in "
+                              "training and at inference: set model.inference_rule='topk'")
+
+    @property
+    def budget(self) -> bool:
+        """Whether the training loss carries the keep-rate penalty."""
+        return self.keep_weight > 0 and self.router_target == "task"
 
 
 def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
@@ -99,19 +164,71 @@ def pool_on_route(z: torch.Tensor, route: torch.Tensor, pooling: str) -> torch.T
     return num / den.clamp_min(1.0)  # the route is binary, so den counts tokens
 
 
-def straight_through_gumbel(scaled_log_pi: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def straight_through_gumbel(scaled_log_pi: torch.Tensor, tau: float = 1.0,
+                            log_pi: torch.Tensor | None = None) -> torch.Tensor:
     """Step 4: binary keep decision [B, N] from ``scaled_log_pi`` [B, N, 2] ([drop, keep]).
 
     y_j = (s_j + G_j) / τ with G_j = -log(-log U), U ~ Uniform(0, 1); v = Softmax(y).
     Adaptive: s = ω log π, τ = 1. Fixed: s = log π and the given τ.
-    The forward value is exactly R̂ = argmax_j y_j; the gradient is that of v_keep.
+    The forward value is R̂ = argmax_j (log π_j + G_j) when ``log_pi`` is given (the paper's
+    equation 3: keep with probability α), otherwise argmax_j y_j (the "weighted" sampling);
+    the gradient is that of v_keep either way, and both use the same noise G.
     """
     u = torch.rand_like(scaled_log_pi).clamp_min(torch.finfo(scaled_log_pi.dtype).tiny)
     gumbel = -torch.log(-torch.log(u))  # [B, N, 2] G
     y = (scaled_log_pi + gumbel) / tau  # [B, N, 2]
     v_keep = y.softmax(dim=-1)[..., 1]  # [B, N] relaxed sample v(keep)
-    hard = (y[..., 1] >= y[..., 0]).to(y.dtype)  # [B, N] R̂ = argmax_j y_j
+    decide = y if log_pi is None else log_pi + gumbel  # [B, N, 2]
+    hard = (decide[..., 1] >= decide[..., 0]).to(y.dtype)  # [B, N] R̂
     return hard + (v_keep - v_keep.detach())  # forward: hard; backward: ∂v_keep
+
+
+def causal_topk(score: torch.Tensor, candidates: torch.Tensor, real: torch.Tensor,
+                rate: float) -> torch.Tensor:
+    """[B, N] 0/1: t is kept iff it is a candidate ranked among the round(rate · n_t) best
+    candidates i <= t by ``score`` (ties: the earlier first), n_t = real tokens <= t.
+
+    Every decision reads the prefix only, so a later token never changes an earlier one.
+    Rounding (half up) rather than ⌈·⌉ keeps the rate near ``rate`` for scores in random
+    order (⌈·⌉ keeps 0.29 of a 50-token window at rate 0.25, rounding 0.26); a score that
+    rises or falls along the window moves the rate (every token beats its prefix, or none).
+    score [B, N], candidates and real [B, N] bool.
+    """
+    n = score.shape[1]
+    idx = torch.arange(n, device=score.device)
+    upto = idx[None, :] <= idx[:, None]  # [N(t), N(i)] i <= t
+    s_t, s_i = score[:, :, None], score[:, None, :]  # [B, N, 1], [B, 1, N]
+    before = (s_i > s_t) | ((s_i == s_t) & (idx[None, :] < idx[:, None]))  # [B, N, N]
+    rank = (before & upto & candidates[:, None, :]).sum(dim=-1)  # [B, N] better candidates
+    n_t = torch.cumsum(real.to(torch.int64), dim=1)  # [B, N]
+    quota = torch.floor(n_t.to(torch.float64) * rate + 0.5)  # [B, N] ρ n_t rounded half up
+    return (candidates & (rank < quota)).to(score.dtype)  # [B, N]
+
+
+def received_attention_loss(keep_logit: torch.Tensor, weights: torch.Tensor,
+                            route: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """[B] distillation loss of router_target="attention" (ours).
+
+    Target: how much attention each real token i receives from the later on-route queries
+    j > i of this layer (heads averaged), each query's weights scaled by its number of keys
+    (so a uniform query gives every key 1, whatever its position) and averaged over those
+    queries; normalised over the window. Prediction: the softmax of the keep logits over the
+    window's real tokens; loss: their cross-entropy. A row with no later on-route query has
+    no target and loss 0. weights [B, h, N, N] (query, key), the rest [B, N].
+    """
+    n = weights.shape[-1]
+    later = torch.ones(n, n, dtype=torch.bool, device=weights.device).tril(-1)  # [j, i] j > i
+    att = weights.detach().mean(dim=1)  # [B, N(j), N(i)]
+    keys = (att > 0).sum(dim=-1, keepdim=True).clamp_min(1)  # [B, N, 1] keys each query read
+    asking = route.detach().unsqueeze(-1) * later  # [B, N, N] later on-route queries
+    lift = (asking * att * keys).sum(dim=1)  # [B, N] Σ_j R_j n_j A[j, i]
+    count = asking.sum(dim=1)  # [B, N] how many later on-route queries
+    received = lift / count.clamp_min(1.0) * real  # [B, N]
+    total = received.sum(dim=1, keepdim=True)  # [B, 1]
+    target = received / total.clamp_min(1e-12)  # [B, N]
+    log_q = keep_logit.masked_fill(~real, float("-inf")).log_softmax(dim=1)  # [B, N]
+    log_q = torch.where(real, log_q, torch.zeros_like(log_q))
+    return -(target * log_q).sum(dim=1) * (total.squeeze(1) > 0)  # [B]
 
 
 class PathwayRouter(nn.Module):
@@ -120,13 +237,14 @@ class PathwayRouter(nn.Module):
     def __init__(self, dim: int, options: RouterOptions) -> None:
         super().__init__()
         self.options = options
+        self.sample_routes = False  # eval mode draws like training (see ``training_routes``)
         self.context_mlp: nn.Module | None = None
         self.keep_mlp: nn.Module | None = None
         self.omega_mlp: nn.Sequential | None = None
         if options.router == "learned":
             self.context_mlp = _mlp(dim, options.router_hidden, dim)  # step 1: g
             self.keep_mlp = _mlp(dim, options.router_hidden, 2)  # step 3: logits of π
-            if options.gumbel == "adaptive":
+            if options.gumbel == "adaptive" and options.router_target == "task":
                 self.omega_mlp = _mlp(dim, options.router_hidden, 1)  # step 4: ω before ReLU
         self.reset_parameters()
 
@@ -151,13 +269,18 @@ class PathwayRouter(nn.Module):
         self.reset_parameters()
 
     def forward(self, z: torch.Tensor, route_prev: torch.Tensor,
-                real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z [B, N, d], route_prev R^{l-1} [B, N] (0/1), real [B, N] -> (R^l, α) each [B, N]."""
+                real: torch.Tensor) -> tuple[torch.Tensor, RouteInfo, torch.Tensor | None]:
+        """z [B, N, d], route_prev R^{l-1} [B, N] (0/1), real [B, N] -> (R^l [B, N], RouteInfo
+        without its aux loss, keep logit [B, N] or None for the random router)."""
         opts = self.options
         mask = real.to(z.dtype)  # [B, N] 1 at real tokens
+        base = route_prev if opts.hierarchical else mask  # [B, N] what R̂ is multiplied by
+        sampling = self.training or self.sample_routes or opts.inference_route == "sample"
+        omega = keep_logit = None
         if self.context_mlp is None or self.keep_mlp is None:
             # ablation "random": R̂ ~ Bernoulli(p), no dependence on the input
             keep_prob = torch.full_like(mask, opts.random_keep_prob) * mask  # [B, N]
+            sample_prob = keep_prob
             sample = (torch.rand_like(mask) < opts.random_keep_prob).to(z.dtype)  # [B, N]
         else:
             # steps 1-2: global context of the on-route tokens, fused back into every token
@@ -167,20 +290,73 @@ class PathwayRouter(nn.Module):
             # step 3: π = Softmax(MLP(Z_emb)) = [1-α, α], kept in log space for stability
             log_pi = F.log_softmax(self.keep_mlp(z_emb), dim=-1)  # [B, N, 2]
             keep_prob = log_pi[..., 1].exp() * mask  # [B, N] α
-            # step 4: adaptive weight ω = ReLU(MLP(Z_emb)), or the fixed-τ ablation
+            keep_logit = log_pi[..., 1] - log_pi[..., 0]  # [B, N] log α - log(1-α)
+            # step 4: adaptive weight ω = ReLU(MLP(Z_emb)) (+ floor), or the fixed-τ ablation
             if self.omega_mlp is not None:
-                omega = F.relu(self.omega_mlp(z_emb))  # [B, N, 1] ω
-                scaled, tau = omega * log_pi, 1.0  # [B, N, 2] ω log π
+                w = opts.omega_floor + F.relu(self.omega_mlp(z_emb))  # [B, N, 1] ω
+                omega = w.squeeze(-1) * mask  # [B, N]
+                scaled, tau = w * log_pi, 1.0  # [B, N, 2] ω log π
             else:
                 scaled, tau = log_pi, opts.tau  # [B, N, 2] log π, divided by τ below
-            if self.training or opts.inference_route == "sample":
-                sample = straight_through_gumbel(scaled, tau)  # [B, N] hard, ST gradient
+            paper = opts.route_sample == "paper"
+            # the probability the training decision keeps t: α, or σ(ω·logit) when weighted
+            # (with the fixed Gumbel-Softmax both samplings keep with probability α)
+            weighted = not paper and self.omega_mlp is not None
+            sample_logit = scaled[..., 1] - scaled[..., 0] if weighted else keep_logit  # [B, N]
+            sample_prob = torch.sigmoid(sample_logit) * mask  # [B, N]
+            if opts.router_target == "attention" or (opts.inference_rule == "topk"
+                                                     and not sampling):
+                # the rate-ρ rule: causal top ⌈ρ n_t⌉ of the candidates by their score
+                candidates = real & (base > 0.5)  # [B, N]
+                sample = causal_topk(sample_logit.detach(), candidates, real, opts.keep_target)
+            elif sampling:
+                sample = straight_through_gumbel(scaled, tau, log_pi if paper else None)
+            elif paper:
+                sample = (log_pi[..., 1] >= log_pi[..., 0]).to(z.dtype)  # α >= 1/2
             else:
-                # inference: keep iff ω log α >= ω log(1-α) (fixed: log α >= log(1-α))
+                # weighted: ω log α >= ω log(1-α) (ties, e.g. ω = 0, keep)
                 sample = (scaled[..., 1] >= scaled[..., 0]).to(z.dtype)  # [B, N]
         # step 5: hierarchical update R^l = R̂^l ⊙ R^{l-1}; otherwise only padding is masked
-        base = route_prev if opts.hierarchical else mask
-        return sample * base, keep_prob  # [B, N], [B, N]
+        return sample * base, RouteInfo(keep_prob, sample_prob, omega, None), keep_logit
+
+    def budget_penalty(self, sample_prob: torch.Tensor, route_prev: torch.Tensor,
+                       real: torch.Tensor) -> torch.Tensor:
+        """[B] λ (E[keep] - ρ)² per row (ours): E[keep] = mean over real t of the keep
+        probability times the route so far (which carries its straight-through gradient)."""
+        opts = self.options
+        mask = real.to(sample_prob.dtype)  # [B, N]
+        base = route_prev if opts.hierarchical else mask  # [B, N]
+        count = mask.sum(dim=1)  # [B]
+        expected = (sample_prob * base).sum(dim=1) / count.clamp_min(1.0)  # [B]
+        return opts.keep_weight * (expected - opts.keep_target) ** 2 * (count > 0)  # [B]
+
+
+def inference_rule_text(options: RouterOptions) -> str:
+    """In words, the rule that decides a token's route when the model runs in eval mode."""
+    if options.router == "random":
+        return f"random: kept with probability {options.random_keep_prob:g}, drawn at inference too"
+    if options.inference_route == "sample":
+        return "drawn as in training (inference_route = sample): the route changes between calls"
+    if options.router_target == "attention" or options.inference_rule == "topk":
+        return (f"kept iff among the round({options.keep_target:g} x n_t) highest keep "
+                "probabilities of its own prefix (top-k, ours)")
+    if options.route_sample == "weighted" and options.gumbel == "adaptive":
+        return "kept iff the drawn probability sigma(omega x logit alpha) >= 1/2 (omega = 0 keeps)"
+    return "kept iff alpha >= 1/2 (the paper's sampling: the drawn probability is alpha)"
+
+
+@contextmanager
+def training_routes(model: nn.Module) -> Iterator[None]:
+    """Inside, every router of ``model`` draws its route as in training (noise, or the top-k
+    rule), while the rest of the model stays in its mode (no dropout in eval)."""
+    routers = [m for m in model.modules() if isinstance(m, PathwayRouter)]
+    for r in routers:
+        r.sample_routes = True
+    try:
+        yield
+    finally:
+        for r in routers:
+            r.sample_routes = False
 
 
 class PathwayAttention(nn.Module):
@@ -188,7 +364,8 @@ class PathwayAttention(nn.Module):
 
     ``attention`` is the host model's multi-head attention (causal or not, with or without an
     output projection), so pathway attention is a drop-in replacement of self-attention: the
-    only change is that an off-route token's query is built from the zero vector.
+    only change is that an off-route token's query is built from the zero vector (with
+    query_bias="on_route" the bias is routed too, so that query is exactly zero).
     """
 
     routed: ClassVar[bool] = True  # TransformerBlock passes the route in and takes R^l back
@@ -200,12 +377,23 @@ class PathwayAttention(nn.Module):
 
     def forward(self, query_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
                 route_prev: torch.Tensor, output_attentions: bool = False,
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """-> (output [B, N, d], weights [B, h, N, N] | None, route R^l [B, N], α [B, N])."""
-        route, keep_prob = self.router(query_in, route_prev, real)  # [B, N], [B, N]
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, RouteInfo]:
+        """-> (output [B, N, d], weights [B, h, N, N] | None, route R^l [B, N], RouteInfo)."""
+        opts = self.router.options
+        route, info, keep_logit = self.router(query_in, route_prev, real)  # [B, N]
         routed = route.unsqueeze(-1) * query_in  # [B, N, d] R^l ⊙ Z
-        out, weights = self.attention(routed, kv_in, real, output_attentions)  # [B, N, d]
-        return out, weights, route, keep_prob
+        gate = route if opts.query_bias == "on_route" else None  # [B, N]: bias on route only
+        distill = self.training and opts.router_target == "attention" and keep_logit is not None
+        out, weights = self.attention(routed, kv_in, real, output_attentions or distill,
+                                      query_gate=gate)  # [B, N, d]
+        aux: torch.Tensor | None = None
+        if self.training and opts.budget:
+            aux = self.router.budget_penalty(info.sample_prob, route_prev, real)  # [B]
+        if distill and keep_logit is not None and weights is not None:
+            aux = opts.distill_weight * received_attention_loss(keep_logit, weights, route, real)
+        if not output_attentions:
+            weights = None
+        return out, weights, route, info._replace(aux_loss=aux)
 
 
 def attention_module(dim: int, heads: int, dropout: float, causal: bool, out_proj: bool,

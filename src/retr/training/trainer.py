@@ -85,7 +85,9 @@ def batch_loss(tc: TrainConfig, model: SequentialRecommender, forward: Any, inpu
     longest history, and one loss is taken over every group's target positions: the mean over
     the same positions as one padded batch (DDP takes one forward per step, so one group there).
     The forward pass and loss run under bf16 autocast when ``train.precision`` asks for it;
-    the loss comes back in fp32 either way.
+    the loss comes back in fp32 either way. A model that returns ``extras["aux_loss"]`` [B]
+    (one value per row: the pathway routers' budget or distillation terms) has its mean over
+    the rows added to the task loss.
     """
     mask = targets > 0  # [B, N]
     n = inputs.shape[1]
@@ -93,17 +95,24 @@ def batch_loss(tc: TrainConfig, model: SequentialRecommender, forward: Any, inpu
                         enabled=tc.precision == "bf16"):
         parts = [(rows, width) for rows, width in length_groups(inputs, tc.length_groups)
                  if width] if forward is model else []
+        aux: list[torch.Tensor] = []
         if not parts:  # DDP, or a batch without a real token
-            hidden, target = forward(inputs).hidden[mask], targets[mask]  # [P, d], [P]
+            out = forward(inputs)
+            hidden, target = out.hidden[mask], targets[mask]  # [P, d], [P]
+            aux += [out.extras["aux_loss"]] if "aux_loss" in out.extras else []
         else:
             states, labels = [], []
             for rows, width in parts:
                 part = targets[rows, n - width:]  # [b, width]
-                states.append(forward(inputs[rows, n - width:]).hidden[part > 0])
+                out = forward(inputs[rows, n - width:])
+                states.append(out.hidden[part > 0])
                 labels.append(part[part > 0])
+                aux += [out.extras["aux_loss"]] if "aux_loss" in out.extras else []
             hidden, target = torch.cat(states), torch.cat(labels)  # [P, d], [P]
         loss = compute_loss(tc.loss, model, hidden, target, gen, tc.negatives, tc.gbce_t,
                             tc.label_smoothing, proposal).float()
+        if aux:
+            loss = loss + torch.cat(aux).float().mean()  # [B] rows -> one auxiliary term
     return loss, mask
 
 

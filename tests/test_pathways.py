@@ -1,0 +1,296 @@
+"""The pathway router against the paper's equations, and the budget options beyond it (ours)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from retr.config import RunConfig
+from retr.errors import ConfigError
+from retr.models import build_model
+from retr.models.pathway import (
+    PathwayRouter,
+    RouterOptions,
+    causal_topk,
+    received_attention_loss,
+    straight_through_gumbel,
+    training_routes,
+)
+from retr.training.trainer import batch_loss
+
+N_ITEMS, N, D = 30, 12, 16
+TINY = dict(hidden_size=D, num_heads=2, num_layers=2, max_len=16, ffn_size=D, router_hidden=8)
+BUDGET = {"keep_target": 0.25, "keep_weight": 1.0, "omega_floor": 0.1, "inference_rule": "topk"}
+DISTILLED = {"keep_target": 0.25, "inference_rule": "topk", "router_target": "attention"}
+
+
+def tiny(seed: int = 0, **overrides: Any) -> Any:
+    torch.manual_seed(seed)
+    return build_model("retr", N_ITEMS, {**TINY, **overrides})
+
+
+def batch(seed: int = 0) -> torch.Tensor:
+    """[4, N] left-padded histories of lengths N, 7, 3 and 1."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.randint(1, N_ITEMS + 1, (4, N), generator=g)
+    for row, length in enumerate((N, 7, 3, 1)):
+        seqs[row, : N - length] = 0
+    return seqs
+
+
+def gumbel_of(shape: torch.Size, seed: int) -> torch.Tensor:
+    """The noise ``straight_through_gumbel`` draws after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    u = torch.rand(shape).clamp_min(torch.finfo(torch.float32).tiny)
+    return -torch.log(-torch.log(u))
+
+
+# ---------------------------------------------------------------- equation 3
+
+
+def test_paper_sample_is_argmax_of_unweighted_log_pi_plus_noise() -> None:
+    alpha = torch.rand(64, 5)
+    log_pi = torch.stack([torch.log1p(-alpha), torch.log(alpha)], dim=-1)  # [64, 5, 2]
+    omega = 4.0 * torch.rand(64, 5, 1)
+    torch.manual_seed(11)
+    paper = straight_through_gumbel(omega * log_pi, 1.0, log_pi)
+    torch.manual_seed(11)
+    weighted = straight_through_gumbel(omega * log_pi)
+    g = gumbel_of(log_pi.shape, 11)
+    expect_paper = ((log_pi + g).argmax(-1) == 1).float()
+    expect_weighted = ((omega * log_pi + g).argmax(-1) == 1).float()
+    assert torch.equal(paper, expect_paper) and torch.equal(weighted, expect_weighted)
+    assert not torch.equal(paper, weighted)  # ω matters for the weighted draw only
+
+
+def test_paper_sample_keeps_with_probability_alpha_whatever_omega() -> None:
+    log_pi = torch.log(torch.tensor([0.3, 0.7])).expand(40000, 1, 2)  # α = 0.7
+    for omega in (0.0, 1.0, 50.0):
+        torch.manual_seed(0)
+        kept = straight_through_gumbel(omega * log_pi, 1.0, log_pi).mean().item()
+        assert abs(kept - 0.7) < 0.01, omega
+    torch.manual_seed(0)
+    assert straight_through_gumbel(50.0 * log_pi).mean().item() > 0.999  # weighted: sharpened
+
+
+def test_paper_sample_gradient_is_that_of_the_relaxed_v_keep() -> None:
+    alpha = torch.rand(8, 5)
+    log_pi = torch.stack([torch.log1p(-alpha), torch.log(alpha)], dim=-1)
+    omega = torch.rand(8, 5, 1) * 3
+    w = torch.randn(8, 5)
+    scaled = (omega * log_pi).requires_grad_(True)
+    torch.manual_seed(5)
+    (straight_through_gumbel(scaled, 1.0, log_pi) * w).sum().backward()
+    relaxed = (omega * log_pi).requires_grad_(True)
+    v_keep = (relaxed + gumbel_of(log_pi.shape, 5)).softmax(-1)[..., 1]
+    (v_keep * w).sum().backward()
+    assert scaled.grad is not None and relaxed.grad is not None
+    torch.testing.assert_close(scaled.grad, relaxed.grad)
+
+
+def set_omega(model: Any, bias: float) -> None:
+    """Make every router's ω the constant ReLU(bias) (weights of its last layer zeroed)."""
+    with torch.no_grad():
+        for block in model.blocks:
+            last = block.attn.router.omega_mlp[-1]
+            last.weight.zero_()
+            last.bias.fill_(bias)
+
+
+def test_router_samples_with_alpha_in_training_and_uses_its_mode_at_inference() -> None:
+    seqs = batch().repeat(500, 1)  # the same 4 histories, many draws
+    real = seqs != 0
+    for sample, omega in (("paper", -1.0), ("paper", 40.0), ("weighted", 40.0)):
+        model = tiny(route_sample=sample, hierarchical=False, dropout=0.0)
+        set_omega(model, omega)
+        with torch.no_grad():
+            model.train()
+            torch.manual_seed(0)
+            out = model(seqs, output_attentions=True)
+            model.eval()
+            det = model(seqs, output_attentions=True)
+        alpha = out.keep_probs[0][:4]  # layer 1 sees the same input in both modes
+        kept = out.routes[0].view(500, 4, N).mean(0)  # [4, N] frequency of keep
+        drawn = out.sample_probs[0][:4]
+        if sample == "paper":
+            torch.testing.assert_close(drawn, alpha)  # drawn with α, ω or not
+            assert torch.equal(det.routes[0], ((det.keep_probs[0] >= 0.5) & real).float())
+        else:  # σ(ω·logit), sharper than α
+            logit = torch.log(alpha) - torch.log1p(-alpha)
+            torch.testing.assert_close(drawn[real[:4]], torch.sigmoid(40 * logit)[real[:4]])
+        assert (kept - drawn).abs()[real[:4]].max() < 0.1
+        if omega < 0:
+            assert (out.omegas[0] == 0).all()  # the dead zone: still drawn with α
+
+
+def test_weighted_inference_keeps_every_token_at_omega_zero() -> None:
+    model = tiny(route_sample="weighted").eval()
+    set_omega(model, -1.0)
+    seqs = batch()
+    with torch.no_grad():
+        out = model(seqs, output_attentions=True)
+    assert torch.equal(out.routes[-1], (seqs != 0).float())  # 0 >= 0 keeps
+    torch.testing.assert_close(out.sample_probs[0][seqs != 0],
+                               torch.full((int((seqs != 0).sum()),), 0.5))
+
+
+def test_omega_floor_closes_the_dead_zone() -> None:
+    model = tiny(omega_floor=0.3).eval()
+    set_omega(model, -1.0)
+    with torch.no_grad():
+        out = model(batch(), output_attentions=True)
+    real = batch() != 0
+    assert all(torch.allclose(o[real], torch.full_like(o[real], 0.3)) for o in out.omegas)
+
+
+# ---------------------------------------------------------------- causality of every rule
+
+
+def change_at(seqs: torch.Tensor, j: int) -> torch.Tensor:
+    out = seqs.clone()
+    out[:, j] = torch.where(seqs[:, j] > 0, seqs[:, j] % N_ITEMS + 1, seqs[:, j])
+    return out
+
+
+@pytest.mark.parametrize("options", [{}, {"route_sample": "weighted"}, BUDGET, DISTILLED],
+                         ids=["paper", "weighted", "budget", "distilled"])
+@pytest.mark.parametrize("training", [False, True])
+def test_a_later_item_never_changes_an_earlier_output_or_route(options: dict[str, Any],
+                                                               training: bool) -> None:
+    model = tiny(dropout=0.3 if training else 0.2, **options).train(training)
+    seqs = batch()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        base = model(seqs, output_attentions=True)
+        for j in range(1, N):
+            torch.manual_seed(7)
+            other = model(change_at(seqs, j), output_attentions=True)
+            torch.testing.assert_close(base.hidden[:, :j], other.hidden[:, :j], rtol=0, atol=1e-5)
+            for a, b in zip(base.routes, other.routes, strict=True):
+                assert torch.equal(a[:, :j], b[:, :j])
+
+
+# ---------------------------------------------------------------- the budget (ours)
+
+
+def test_causal_topk_keeps_the_quota_of_each_prefix() -> None:
+    score = torch.randn(200, 40)
+    real = torch.ones(200, 40, dtype=torch.bool)
+    real[:, :10] = False  # left padding
+    kept = causal_topk(score, real, real, 0.25)
+    assert kept[~real].sum() == 0
+    rate = kept[real].mean().item()
+    assert abs(rate - 0.25) < 0.05
+    row, t = 0, 25  # by the definition: rank in its own prefix below ⌈ρ n_t⌉
+    prefix = score[row, 10: t + 1]
+    rank = int((prefix > score[row, t]).sum())
+    assert bool(kept[row, t]) == (rank < int(0.25 * (t - 9) + 0.5))
+    # non-candidates are never kept and do not take a place in the quota
+    cand = real & (torch.rand(200, 40) < 0.5)
+    assert causal_topk(score, cand, real, 0.25)[~cand].sum() == 0
+
+
+@pytest.mark.parametrize("options", [BUDGET, DISTILLED], ids=["budget", "distilled"])
+def test_topk_inference_is_the_causal_topk_of_the_sampling_scores(options: dict[str, Any]) -> None:
+    model = tiny(**options).eval()
+    seqs = torch.randint(1, N_ITEMS + 1, (64, N), generator=torch.Generator().manual_seed(2))
+    seqs[:8, :5] = 0  # some left padding
+    real = seqs != 0
+    with torch.no_grad():
+        out = model(seqs, output_attentions=True)
+    prev = real
+    for route, score in zip(out.routes, out.sample_probs, strict=True):
+        expect = causal_topk(score, prev, real, 0.25)  # σ is monotone: the same ranks
+        assert torch.equal(route, expect)
+        prev = route.bool()
+
+
+def test_distilled_router_draws_the_same_route_in_training_and_inference() -> None:
+    model = tiny(dropout=0.0, **DISTILLED)
+    seqs = batch()
+    with torch.no_grad():
+        model.train()
+        train = model(seqs, output_attentions=True)
+        model.eval()
+        test = model(seqs, output_attentions=True)
+        with training_routes(model):
+            sampled = model(seqs, output_attentions=True)
+    for a, b, c in zip(train.routes, test.routes, sampled.routes, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert "aux_loss" in train.extras and "aux_loss" not in test.extras
+
+
+def test_distilled_router_learns_from_received_attention_only() -> None:
+    model = tiny(**DISTILLED).train()
+    seqs = torch.randint(1, N_ITEMS + 1, (8, N), generator=torch.Generator().manual_seed(0))
+    out = model(seqs)
+    router = model.blocks[0].attn.router
+    assert router.omega_mlp is None
+    out.hidden.sum().backward(retain_graph=True)  # the task side: no gradient to the router
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in router.parameters())
+    out.extras["aux_loss"].mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in router.keep_mlp.parameters())
+
+
+def test_received_attention_loss_prefers_the_attended_token() -> None:
+    n = 4
+    weights = torch.zeros(1, 1, n, n)
+    weights[0, 0, :, 0] = 1.0  # every query reads token 0 only
+    real = torch.ones(1, n, dtype=torch.bool)
+    route = torch.ones(1, n)
+    right = torch.tensor([[5.0, 0.0, 0.0, 0.0]])
+    wrong = torch.tensor([[0.0, 5.0, 0.0, 0.0]])
+    assert received_attention_loss(right, weights, route, real) < \
+        received_attention_loss(wrong, weights, route, real)
+    none = received_attention_loss(right, weights, torch.zeros(1, n), real)
+    assert none.item() == 0.0  # no later on-route query: no target
+
+
+def test_budget_penalty_pulls_the_sampled_keep_rate_to_rho() -> None:
+    model = tiny(**BUDGET).train()
+    routers = [b.attn.router for b in model.blocks]
+    opt = torch.optim.Adam([p for r in routers for p in r.parameters()], lr=0.05)
+    seqs = torch.randint(1, N_ITEMS + 1, (32, N), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    for _ in range(60):
+        opt.zero_grad()
+        model(seqs).extras["aux_loss"].mean().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad(), training_routes(model):
+        rates = [sum(model(seqs, output_attentions=True).routes[-1].mean().item()
+                     for _ in range(20)) / 20]
+    assert abs(rates[0] - 0.25) < 0.05
+
+
+def test_the_trainer_adds_the_mean_auxiliary_loss() -> None:
+    seqs = torch.randint(1, N_ITEMS + 1, (8, N + 1), generator=torch.Generator().manual_seed(0))
+    inputs, targets = seqs[:, :-1], seqs[:, 1:]
+    tc = RunConfig().train
+    tc.length_groups = 1  # one forward, so the routes drawn match the one below
+    with_budget = tiny(**BUDGET).train()
+    plain = tiny(**{**BUDGET, "keep_weight": 0.0}).train()
+    plain.load_state_dict(with_budget.state_dict())
+    losses = []
+    for model in (with_budget, plain):
+        torch.manual_seed(3)
+        losses.append(batch_loss(tc, model, model, inputs, targets,
+                                 torch.Generator().manual_seed(0))[0])
+    torch.manual_seed(3)
+    aux = with_budget(inputs).extras["aux_loss"]
+    assert aux.shape == (8,) and (aux > 0).any()
+    torch.testing.assert_close(losses[0] - losses[1], aux.mean(), rtol=1e-4, atol=1e-6)
+    assert "aux_loss" not in tiny().train()(inputs).extras  # the paper's model: none
+
+
+def test_router_options_refuse_incoherent_budgets() -> None:
+    for bad in ({"keep_weight": 1.0}, {"inference_rule": "topk"},
+                {"router_target": "attention", "keep_target": 0.25},
+                {"router": "random", "keep_target": 0.25, "inference_rule": "topk"},
+                {"omega_floor": -1.0}, {"route_sample": "sharp"}, {"query_bias": "never"}):
+        with pytest.raises(ConfigError):
+            RouterOptions(**bad)
+    assert not RouterOptions().budget and RouterOptions(**BUDGET).budget
+    assert PathwayRouter(D, RouterOptions(**DISTILLED)).omega_mlp is None
