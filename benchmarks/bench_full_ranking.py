@@ -1,8 +1,8 @@
 """Full-ranking evaluation throughput and peak memory of `pop` (the scoring path every model uses).
 
 Usage:
-    python benchmarks/bench_full_ranking.py ml-1m            # needs RETR_DATA_DIR
-    python benchmarks/bench_full_ranking.py catalogue --items 1000000 --users 20000
+    python -m benchmarks.bench_full_ranking ml-1m            # needs RETR_DATA_DIR
+    python -m benchmarks.bench_full_ranking catalogue --items 1000000 --users 20000
 
 Prints users/s and peak RSS; memory stays bounded by batch_size x item_chunk scores whatever the
 catalogue size.

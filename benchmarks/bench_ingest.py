@@ -1,7 +1,7 @@
 """Ingestion of a large interaction log: time and peak memory from Parquet to compact sequences.
 
 Usage:
-    python benchmarks/bench_ingest.py --rows 20000000 [--users 200000 --items 50000] [--dir /tmp]
+    python -m benchmarks.bench_ingest --rows 20000000 [--users 200000 --items 50000] [--dir /tmp]
         [--dataframe]
 
 Writes a synthetic Parquet log (Zipf-popular items, random timestamps), then times

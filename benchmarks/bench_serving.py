@@ -6,7 +6,7 @@ threads send requests for a bounded time per scenario: one history per request
 errors, requests/s, histories/s and latency p50/p90/p99. The in-process Python call
 (``Recommender.recommend``, no HTTP) is timed too, as the floor HTTP adds to.
 
-    python benchmarks/bench_serving.py RUN_DIR --concurrency 4 --seconds 5 --batches 1,16,64
+    python -m benchmarks.bench_serving RUN_DIR --concurrency 4 --seconds 5 --batches 1,16,64
 """
 
 from __future__ import annotations

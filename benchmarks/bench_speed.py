@@ -1,14 +1,14 @@
 """Training and serving speed side by side: retr's SASRec and RETR vs RecTools' and RecBole's.
 
 Usage:
-    python benchmarks/bench_speed.py [--minutes 4] [--threads 2] [--peers rectools,recbole]
+    python -m benchmarks.bench_speed [--minutes 4] [--threads 2] [--peers rectools,recbole]
         [--only 1,2] [--max-len 200] [--venv-dir benchmarks/.peers]
         [--out benchmarks/results/speed.json]
 
 Same data and configuration for every implementation: ml-1m (5-core, leave-one-out; every
 model trains on each user's items but the last two), sequence length 200, hidden 64, 2 layers,
 2 heads, batch 128, Adam 1e-3, dropout 0.2, ID embeddings only. Each implementation runs in a
-fresh process (`speed_worker.py`) of its own interpreter — RecTools 0.19 and RecBole 1.2.1 each
+fresh process (`benchmarks.speed_worker`) of its own interpreter — RecTools 0.19 and RecBole 1.2.1 each
 in a virtualenv this script creates (see ``PEERS``; never retr dependencies) — and gets a
 training budget of ``--minutes``. RecBole trains on every prefix of every sequence (about a
 million samples per ml-1m epoch), so its budget ends inside its first epoch: it is trained in
@@ -50,10 +50,10 @@ from retr.data.splits import leave_one_out
 from retr.models import build_model
 from retr.training.losses import compute_loss
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import code_version  # noqa: E402
+from .common import code_version
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent  # the workers run as ``python -m benchmarks.speed_worker`` from here
 PEERS = {  # pip installs per peer, in order: torch first, so pip keeps the local CPU build
     "rectools": [["torch==2.13.0"], ["rectools[torch]==0.19.0"]],
     # RecBole 1.2.1 runs only beside the numpy/pandas/scipy/scikit-learn of its time
@@ -112,8 +112,8 @@ def peer_python(name: str, venv_dir: Path) -> Path:
 
 def run_worker(python: Path, argv: list[str]) -> tuple[dict[str, Any], float]:
     """Run one worker; its JSON and peak RSS in MB (wait4 of that process alone)."""
-    proc = subprocess.Popen([str(python), str(HERE / "speed_worker.py"), *argv],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(python), "-m", "benchmarks.speed_worker", *argv],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -185,12 +185,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
     args = p.parse_args()
     max_len, hidden, batch = args.max_len, 64, 128
-    stats = prepare(args.work, max_len)
-    windows = np.load(args.work / "windows.npy")
+    work = args.work.resolve()  # the workers run from the repository root
+    stats = prepare(work, max_len)
+    windows = np.load(work / "windows.npy")
     print(f"[speed] data: {stats}", flush=True)
-    peers = {name: peer_python(name, args.venv_dir) for name in filter(None, args.peers.split(","))}
+    venv_dir = args.venv_dir.absolute()  # not resolved: a venv's python is a symlink
+    peers = {name: peer_python(name, venv_dir) for name in filter(None, args.peers.split(","))}
     only = {int(x) for x in args.only.split(",") if x}
-    command = "python benchmarks/bench_speed.py " + " ".join(
+    command = "python -m benchmarks.bench_speed " + " ".join(
         shlex.quote(a) for a in sys.argv[1:])
     code = code_version()
     fp32 = matmul_gflops(args.threads, torch.float32)
@@ -200,7 +202,7 @@ def main() -> None:
         if (only and number not in only) or (impl != "retr" and impl not in peers):
             continue
         python = Path(sys.executable) if impl == "retr" else peers[impl]
-        argv = ["--impl", impl, "--model", model, "--loss", loss, "--work", str(args.work),
+        argv = ["--impl", impl, "--model", model, "--loss", loss, "--work", str(work),
                 "--minutes", str(args.minutes), "--threads", str(args.threads),
                 "--target", str(args.target), "--max-len", str(max_len),
                 "--hidden", str(hidden), "--batch-size", str(batch)]

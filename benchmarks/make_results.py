@@ -1,7 +1,7 @@
 """Turn the benchmark JSON records into RESULTS.md: mean ± std over seeds, both protocols.
 
 Usage:
-    python benchmarks/make_results.py benchmarks/results --out RESULTS.md
+    python -m benchmarks.make_results benchmarks/results --out RESULTS.md
 
 Reads the run records written by `grid.py`, `cross_domain.py` and `pathway_only.py`
 (``*.json`` with a ``results`` field), plus, when present, ``speed.json`` (`bench_speed.py`),
@@ -18,6 +18,8 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
+
+from .grid import load_grid
 
 METRICS = ("HR@10", "NDCG@10", "MRR")
 
@@ -401,8 +403,6 @@ def params_section(path: Path) -> list[str]:
 
 def coverage(records: list[dict[str, Any]], grids: list[Path]) -> list[str]:
     """The grid runs with no record yet: what RESULTS.md does not cover."""
-    from grid import load_grid
-
     have = {(r["label"], r["seed"]) for r in records}
     lines = []
     for path in grids:

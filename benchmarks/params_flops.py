@@ -1,7 +1,7 @@
 """Parameters and forward FLOPs per sequence: RETR vs SASRec (the paper: "the router is light").
 
 Usage:
-    python benchmarks/params_flops.py [--hidden 256 --heads 4 --layers 2 --max-len 200 --items 3416]
+    python -m benchmarks.params_flops [--hidden 256 --heads 4 --layers 2 --max-len 200 --items 3416]
         [--json-out benchmarks/results/params_flops.json]
 
 FLOPs are counted by torch's FlopCounterMode on one full-length sequence (matrix products and

@@ -1,7 +1,9 @@
-"""One implementation's side of `bench_speed.py`, run in that implementation's own interpreter.
+"""One implementation's side of `benchmarks.bench_speed`, run in that implementation's own interpreter
+(``python -m benchmarks.speed_worker`` from the repository root).
 
 Needs only numpy, pandas and the library under test, so it runs in a peer's virtualenv (where
-retr is not installed). Reads the shared work directory that bench_speed.py prepared:
+retr is not installed): it imports nothing else from this package. Reads the shared work
+directory that bench_speed prepared:
 
 - ``train.csv``: user_id, item_id, datetime (each user's training items, in order);
 - ``valid.npz``: users [U], targets [U], negatives [U, 100] (external ids);

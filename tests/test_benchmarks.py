@@ -9,13 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import cross_domain  # noqa: E402
-import grid  # noqa: E402
-import make_results  # noqa: E402
-import pathway_only  # noqa: E402
+from benchmarks import bench_speed, common, cross_domain, grid, make_results, pathway_only
 
 TINY = "synthetic:n_users=150,n_items=150,n_themes=10,min_len=10,max_len=16,seed=1"
 
@@ -68,7 +62,7 @@ def test_results_cli_skips_other_json(tmp_path: Path, monkeypatch: pytest.Monkey
     (tmp_path / "a.json").write_text(json.dumps(_record("pop-toy", 0, 0.01, 0.2, epochs=0)))
     (tmp_path / "speed_raw.json").write_text(json.dumps({"rows": []}))
     out = tmp_path / "R.md"
-    monkeypatch.setattr(sys, "argv", ["make_results.py", str(tmp_path), "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["make_results", str(tmp_path), "--out", str(out)])
     make_results.main()
     text = out.read_text()
     assert "pop-toy" in text and "no training" in text
@@ -90,22 +84,22 @@ def test_run_and_record_writes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("RETR_DATA_DIR", str(tmp_path / "data"))
     run_dir = tmp_path / "runs" / "pop"
     argv = ["train", "--data", TINY, "--model", "pop", "--out", str(run_dir), "--json"]
-    assert grid.run_and_record(tmp_path, "pop", argv, run_dir, {"label": "pop", "seed": 0})
+    assert common.run_and_record(tmp_path, "pop", argv, run_dir, {"label": "pop", "seed": 0})
     record = json.loads((tmp_path / "pop.json").read_text())
     assert record["command"].startswith("retr train --data") and record["epochs"] == 0
-    assert record["code"] == grid.code_version() and record["code"]  # a commit, or the version
+    assert record["code"] == common.code_version() and record["code"]  # a commit, or the version
     assert {r["protocol"] for r in record["results"]["results"]} == {"full", "sampled"}
     (tmp_path / "pop.json").write_text(json.dumps({**record, "marker": 1}))
-    assert grid.run_and_record(tmp_path, "pop", argv, run_dir, {})  # exists: not rerun
+    assert common.run_and_record(tmp_path, "pop", argv, run_dir, {})  # exists: not rerun
     assert json.loads((tmp_path / "pop.json").read_text())["marker"] == 1
     stale = tmp_path / "runs" / "stale"  # killed before its first epoch: no trainer state
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{}")
     argv = ["train", "--data", TINY, "--model", "pop", "--out", str(stale), "--json"]
-    assert grid.run_and_record(tmp_path, "stale", argv, stale, {"label": "stale", "seed": 0})
+    assert common.run_and_record(tmp_path, "stale", argv, stale, {"label": "stale", "seed": 0})
     assert json.loads((stale / "config.json").read_text())["model"]["name"] == "pop"
     bad = ["train", "--data", TINY, "--model", "nope", "--out", str(tmp_path / "x"), "--json"]
-    assert not grid.run_and_record(tmp_path, "bad", bad, tmp_path / "x", {})
+    assert not common.run_and_record(tmp_path, "bad", bad, tmp_path / "x", {})
     assert not (tmp_path / "bad.json").exists()
 
 
@@ -160,12 +154,12 @@ def test_grid_only_and_seeds_select_runs(tmp_path: Path, monkeypatch: pytest.Mon
                                          capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "g.toml"
     path.write_text('seeds = [0, 1, 2]\n[[run]]\nconfig = "a.toml"\n[[run]]\nconfig = "b.toml"\n')
-    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--out", str(tmp_path), "--dry-run",
+    monkeypatch.setattr(sys, "argv", ["grid", str(path), "--out", str(tmp_path), "--dry-run",
                                       "--only", "b", "--seeds", "2"])
     grid.main()
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and "--config b.toml" in lines[0] and "--seed 2" in lines[0]
-    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--dry-run", "--only", "c"])
+    monkeypatch.setattr(sys, "argv", ["grid", str(path), "--dry-run", "--only", "c"])
     with pytest.raises(SystemExit, match="no run labelled c"):
         grid.main()
 
@@ -176,7 +170,7 @@ def test_grid_jobs_set_and_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     --stop-after-minutes starts none once the time has passed."""
     path = tmp_path / "g.toml"
     path.write_text('seeds = [0, 1]\nset = ["train.threads=1"]\n[[run]]\nconfig = "a.toml"\n')
-    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--out", str(tmp_path), "--dry-run",
+    monkeypatch.setattr(sys, "argv", ["grid", str(path), "--out", str(tmp_path), "--dry-run",
                                       "--set", "train.max_minutes=3"])
     grid.main()
     lines = capsys.readouterr().out.splitlines()
@@ -189,25 +183,25 @@ def test_grid_jobs_set_and_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         return True
 
     monkeypatch.setattr(grid, "run_and_record", fake_run)
-    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--out", str(tmp_path), "--jobs", "2"])
+    monkeypatch.setattr(sys, "argv", ["grid", str(path), "--out", str(tmp_path), "--jobs", "2"])
     grid.main()
     assert sorted(started) == ["a-seed0", "a-seed1"]
     started.clear()
     clock = iter([0.0, 100.0, 100.0])  # the grid's start, then each run's check
     monkeypatch.setattr(grid.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--out", str(tmp_path),
+    monkeypatch.setattr(sys, "argv", ["grid", str(path), "--out", str(tmp_path),
                                       "--stop-after-minutes", "1"])
     grid.main()
     assert started == [] and "not started (--stop-after-minutes)" in capsys.readouterr().out
-    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--jobs", "0"])
+    monkeypatch.setattr(sys, "argv", ["grid", str(path), "--jobs", "0"])
     with pytest.raises(SystemExit, match="--jobs must be at least 1"):
         grid.main()
 
 
 def test_grid_hardware_follows_the_last_device_override() -> None:
-    cpu = grid.hardware(["--set", "train.device=cuda", "--set", "train.device=cpu"])
+    cpu = common.hardware(["--set", "train.device=cuda", "--set", "train.device=cpu"])
     assert "CPUs" in cpu and "CUDA" not in cpu and "NVIDIA" not in cpu
-    assert grid.hardware(["--set", "train.threads=1"]) == cpu
+    assert common.hardware(["--set", "train.threads=1"]) == cpu
 
 
 def test_results_budget_reads_the_recipe_and_notes(tmp_path: Path) -> None:
@@ -240,11 +234,11 @@ def _run_dir(tmp_path: Path, name: str, valid: list[float | None], elapsed: floa
 
 
 def _stop(run_dir: Path) -> dict:
-    """``grid.stop_reason`` given the run's metrics.jsonl, as ``run_and_record`` reads it."""
+    """``common.stop_reason`` given the run's metrics.jsonl, as ``run_and_record`` reads it."""
     metrics = run_dir / "metrics.jsonl"
     epochs = [json.loads(line) for line in metrics.read_text().splitlines()] \
         if metrics.exists() else []
-    return grid.stop_reason(run_dir, epochs)
+    return common.stop_reason(run_dir, epochs)
 
 
 def test_stop_reason_tells_a_capped_run_from_a_converged_one(tmp_path: Path) -> None:
@@ -277,8 +271,6 @@ def _speed_row(impl: str, loss: str, max_len: int, command: str) -> dict:
 def test_speed_rows_merge_and_render(tmp_path: Path) -> None:
     """A rerun replaces rows of the same implementation, loss and N, keeps the others, and
     RESULTS.md lists each row's own command."""
-    import bench_speed
-
     out = tmp_path / "speed.json"
     bench_speed.write_rows(out, [_speed_row("retr SASRec", "CE", 200, "cmd-a"),
                                  _speed_row("RecBole 1.2.1 SASRec", "CE", 200, "cmd-a")], {})
@@ -296,9 +288,6 @@ def test_speed_rows_merge_and_render(tmp_path: Path) -> None:
 
 
 def test_epoch_flops_count_each_history_at_its_own_length() -> None:
-    import bench_speed
-    import numpy as np
-
     one = bench_speed.epoch_gflop("sasrec", "ce", 50, 20, 16, np.array([7]))
     assert one > 0
     assert bench_speed.epoch_gflop("sasrec", "ce", 50, 20, 16, np.array([7, 0, 7])) == \
