@@ -37,8 +37,7 @@ def _serve(run_dir: str, port: int, threads: int, max_batch: int) -> None:
     import torch
     import uvicorn
 
-    from retr.serving import Recommender
-    from retr.serving.http import create_app
+    from retr import Recommender, create_app
 
     if threads:
         torch.set_num_threads(threads)
@@ -134,7 +133,7 @@ def _in_process(run_dir: str, histories: list[list[str]], k: int, seconds: float
                 threads: int) -> dict[str, Any]:
     import torch
 
-    from retr.serving import Recommender
+    from retr import Recommender
 
     if threads:
         torch.set_num_threads(threads)
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if not batches or min(batches) < 1:
         parser.error("--batches must list integers >= 1")
 
-    from retr.serving import Recommender
+    from retr import Recommender
 
     rec = Recommender.load(args.run_dir)
     rng = np.random.default_rng(0)

@@ -43,12 +43,7 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from retr.config import DataConfig
-from retr.data.load import load_dataset
-from retr.data.negatives import sample_negatives
-from retr.data.splits import leave_one_out
-from retr.models import build_model
-from retr.training.losses import compute_loss
+import retr
 
 from .common import code_version
 
@@ -75,8 +70,8 @@ LOSS_NAMES = {"bce": "BCE, 1 negative", "ce": "full softmax CE"}
 
 def prepare(work: Path, max_len: int, seed: int = 0) -> dict[str, int]:
     """ml-1m's training part as a CSV, the validation targets and their negatives."""
-    dataset = load_dataset(DataConfig(source="ml-1m"))
-    split = leave_one_out(dataset)
+    dataset = retr.load_dataset(retr.RunConfig.from_dict({"data": {"source": "ml-1m"}}).data)
+    split = retr.make_split(dataset, "loo")
     train = split.examples("valid")  # valid prefix = each user's training items
     starts = np.repeat(dataset.offsets[train.users], train.lengths)
     order = np.arange(len(starts)) - np.repeat(np.cumsum(train.lengths) - train.lengths,
@@ -87,7 +82,7 @@ def prepare(work: Path, max_len: int, seed: int = 0) -> dict[str, int]:
     pd.DataFrame({"user_id": np.repeat(ext_users[train.users], train.lengths),
                   "item_id": ext_items[dataset.items[starts + order]],
                   "datetime": order}).to_csv(work / "train.csv", index=False)
-    neg = sample_negatives(dataset, train, 100, seed=seed)
+    neg = retr.sample_negatives(dataset, train, 100, seed=seed)
     np.savez(work / "valid.npz", users=ext_users[train.users], targets=ext_items[train.targets],
              negatives=ext_items[neg])
     rng = np.random.default_rng(seed)
@@ -157,7 +152,7 @@ def epoch_gflop(model_name: str, loss: str, n_items: int, max_len: int, hidden: 
                            "max_len": max_len}
     if model_name == "retr":
         cfg["ffn_size"] = hidden
-    model = build_model(model_name, n_items, cfg)
+    model = retr.build_model(model_name, n_items, cfg)
     gen = torch.Generator().manual_seed(0)
     lengths, counts = np.unique(windows[windows > 0], return_counts=True)
     total = 0.0
@@ -166,7 +161,7 @@ def epoch_gflop(model_name: str, loss: str, n_items: int, max_len: int, hidden: 
         with FlopCounterMode(display=False) as counter:
             states = model(seqs).hidden.reshape(-1, model.item_representation(
                 torch.tensor([1])).shape[-1])
-            compute_loss(loss, model, states, seqs.reshape(-1), gen, 1).backward()
+            retr.compute_loss(loss, model, states, seqs.reshape(-1), gen, 1).backward()
         total += counter.get_total_flops() * count
     return total / 1e9
 

@@ -135,8 +135,7 @@ def _test(record: dict[str, Any], protocol: str) -> dict[str, Any] | None:
 def _cap(record: dict[str, Any]) -> str:
     """The epoch cap the run trained under (its recipe and ``--set`` overrides, resolved as
     ``retr train`` resolves them), and the wall-clock cap when there is one."""
-    from retr.config import resolve_config
-    from retr.errors import RetrError
+    from retr import RetrError, resolve_config
 
     argv = shlex.split(record["command"])
     sets = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--set"]

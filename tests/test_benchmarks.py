@@ -9,9 +9,46 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import bench_speed, common, cross_domain, grid, make_results, pathway_only
+from benchmarks import (
+    bench_full_ranking,
+    bench_ingest,
+    bench_speed,
+    common,
+    cross_domain,
+    grid,
+    make_results,
+    params_flops,
+    pathway_only,
+    speed_worker,
+)
 
 TINY = "synthetic:n_users=150,n_items=150,n_themes=10,min_len=10,max_len=16,seed=1"
+
+
+def test_benchmarks_use_only_the_public_api() -> None:
+    """Every ``retr`` name the benchmarks import or reach as ``retr.<name>`` is in
+    ``retr.__all__`` (or comes from ``retr.errors``): they run on what users get."""
+    import ast
+
+    import retr
+
+    public = set(retr.__all__)
+    found = []
+    for path in sorted((Path(common.__file__).parent).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (
+                    node.module == "retr" or node.module.startswith("retr.")):
+                found += [(path.name, node.module, a.name) for a in node.names]
+            elif isinstance(node, ast.Import):
+                found += [(path.name, a.name, "") for a in node.names
+                          if a.name.startswith("retr.")]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id == "retr":
+                found.append((path.name, "retr", node.attr))
+    assert found  # the walk sees the benchmarks' imports
+    private = [f for f in found if f[1] not in ("retr", "retr.errors")
+               or (f[1] == "retr" and f[2] not in public)]
+    assert not private, private
 
 
 def _record(label: str, seed: int, full: float, sampled: float, table: str = "intra-domain",
@@ -340,3 +377,69 @@ def test_one_seed_shows_no_spread() -> None:
     assert make_results._fmt([0.1234]) == "0.1234"  # not "± 0.0000"
     assert make_results._fmt([0.1, 0.3]) == "0.2000 ± 0.1414"
     assert make_results._fmt([]) == "-"
+
+
+def _run_main(main: object, argv: list[str], monkeypatch: pytest.MonkeyPatch,
+              capsys: pytest.CaptureFixture[str]) -> dict:
+    """A script's main() with ``argv``; the JSON object it printed last."""
+    monkeypatch.setattr(sys, "argv", argv)
+    main()  # type: ignore[operator]
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])
+
+
+def test_small_scripts_run_through_the_public_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Full ranking over a catalogue, both ingestion paths, parameters and FLOPs, at toy sizes."""
+    ranking = _run_main(bench_full_ranking.main, ["bench_full_ranking", "catalogue", "--items",
+                                                  "500", "--users", "40", "--seq-len", "6",
+                                                  "--item-chunk", "128"], monkeypatch, capsys)
+    assert ranking["items"] == 500 and ranking["users"] == 40  # every item of the catalogue
+    assert ranking["users_per_second"] > 0 and 0.0 <= ranking["NDCG@10"] <= ranking["HR@10"]
+    ingest = ["bench_ingest", "--rows", "20000", "--users", "300", "--items", "200",
+              "--dir", str(tmp_path)]
+    streamed = _run_main(bench_ingest.main, ingest, monkeypatch, capsys)
+    frame = _run_main(bench_ingest.main, [*ingest, "--dataframe"], monkeypatch, capsys)
+    assert streamed["path"] != frame["path"] and "preprocess_seconds" in frame
+    for key in ("users", "items", "interactions"):  # one dataset, whichever path read it
+        assert streamed[key] == frame[key] > 0
+    out = tmp_path / "pf.json"
+    pf = _run_main(params_flops.main, ["params_flops", "--hidden", "16", "--heads", "2",
+                                       "--max-len", "12", "--items", "50", "--json-out",
+                                       str(out)], monkeypatch, capsys)
+    assert json.loads(out.read_text()) == pf
+    rows = pf["models"]
+    assert rows["sasrec"]["parameters_vs_sasrec"] == 1.0
+    assert rows["retr"]["parameters"] > rows["sasrec"]["parameters"]  # the router's weights
+    assert all(r["parameters"] - r["parameters_without_item_table"] == 51 * 16
+               for r in rows.values())
+
+
+def test_speed_worker_retr_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The retr side of the speed benchmark on a toy work directory: epochs, validation,
+    top-10 for every user and single-history latencies."""
+    import retr
+
+    frame = retr.synthetic_interactions(n_users=40, n_items=60, n_themes=5, min_len=10,
+                                        max_len=14, seed=3)
+    frame["user_id"] = frame["user_id"].astype(int) + 1000
+    frame["item_id"] = frame["item_id"].astype(int)
+    frame["datetime"] = frame.groupby("user_id").cumcount()
+    frame[["user_id", "item_id", "datetime"]].to_csv(tmp_path / "train.csv", index=False)
+    users = np.sort(frame["user_id"].unique())
+    items = np.sort(frame["item_id"].unique())
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "valid.npz", users=users, targets=rng.choice(items, len(users)),
+             negatives=np.stack([rng.choice(items, 5, replace=False) for _ in users]))
+    np.save(tmp_path / "latency_users.npy", users[:12])
+    res = _run_main(speed_worker.main, ["speed_worker", "--impl", "retr", "--model", "retr",
+                                        "--loss", "ce", "--work", str(tmp_path), "--max-epochs",
+                                        "2", "--target", "2", "--threads", "1", "--hidden", "8",
+                                        "--max-len", "10", "--batch-size", "16"],
+                    monkeypatch, capsys)
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2]  # the target (2) is never reached
+    assert res["time_to_target_seconds"] is None and res["users"] == len(users)
+    assert all(0.0 <= e["valid_sampled_ndcg10"] <= 1.0 for e in res["epochs"])
+    assert res["full_ranking_seconds"] > 0
+    assert 0 < res["latency"]["p50_ms"] <= res["latency"]["p99_ms"]

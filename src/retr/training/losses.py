@@ -141,7 +141,10 @@ def sampled_softmax_loss(model: SequentialRecommender, h: torch.Tensor, targets:
 
 def compute_loss(name: str, model: SequentialRecommender, h: torch.Tensor, targets: torch.Tensor,
                  gen: torch.Generator, negatives: int, gbce_t: float = 0.75) -> torch.Tensor:
-    """Dispatch on the configured loss name."""
+    """The training loss ``name`` (one of ``LOSSES``: "bpr", "bce", "ce", "sampled_softmax",
+    "gbce") of next-item states ``h`` [P, d] against their targets [P] (internal ids), what
+    ``train_epoch`` computes per batch: ``negatives`` per position for the sampled losses, drawn
+    with ``gen``; ``gbce_t`` for "gbce". A scalar to call ``backward()`` on."""
     if name == "bpr":
         return bpr_loss(model, h, targets, gen, negatives)
     if name == "bce":
