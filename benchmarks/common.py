@@ -65,13 +65,31 @@ def median_epoch_seconds(epochs: list[dict[str, Any]]) -> float | None:
     return round(statistics.median(e["train_seconds"] for e in epochs), 2) if epochs else None
 
 
-def stop_reason(run_dir: Path, epochs: list[dict[str, Any]]) -> dict[str, Any]:
-    """How the run's training ended: its config.json against ``epochs`` (its metrics.jsonl).
+def training_record(run_dir: Path) -> dict[str, Any] | None:
+    """How the trainer says the run's training ended: results.json's ``"training"``
+    (``epochs_run``, ``best_epoch``, ``best_valid``, ``stopped_by``); None for a run written
+    before results.json held it."""
+    results = run_dir / "results.json"
+    if not results.exists():
+        return None
+    training = json.loads(results.read_text()).get("training")
+    return training if isinstance(training, dict) else None
 
-    ``stopped_by`` is "patience", "time cap" (``train.max_minutes``), "epoch cap" or
-    "interrupted"; ``best_epoch`` is the epoch of the best validation value. A row cut by a
-    cap while still improving must never pass for a converged one. Empty without training.
+
+def stop_reason(run_dir: Path, epochs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the run's training ended: ``best_epoch``, the epoch of the best validation value,
+    and ``stopped_by``: "patience", "time cap" (``train.max_minutes``), "epoch cap" or
+    "interrupted". A row cut by a cap while still improving must never pass for a converged
+    one. Empty without training.
+
+    The trainer's own record (:func:`training_record`) decides; a run directory written before
+    it existed is read from its config.json against ``epochs`` (its metrics.jsonl).
     """
+    training = training_record(run_dir)
+    if training is not None:
+        if training["stopped_by"] == "not trained":
+            return {}
+        return {"best_epoch": training["best_epoch"], "stopped_by": training["stopped_by"]}
     config = run_dir / "config.json"
     if not config.exists() or not epochs:
         return {}
@@ -123,8 +141,10 @@ def run_and_record(out: Path, name: str, argv: list[str], run_dir: Path,
     metrics = run_dir / "metrics.jsonl"
     epochs = [json.loads(line) for line in metrics.read_text().splitlines()] \
         if metrics.exists() else []
+    training = training_record(run_dir)
     record = {**extra, "command": shown, "hardware": hardware(argv), "code": code,
-              "wall_seconds": round(wall, 1), "epochs": len(epochs),
+              "wall_seconds": round(wall, 1),
+              "epochs": training["epochs_run"] if training is not None else len(epochs),
               "train_seconds": round(sum(e["train_seconds"] for e in epochs), 1),
               "median_epoch_seconds": median_epoch_seconds(epochs), **stop_reason(run_dir, epochs),
               "results": results}

@@ -298,6 +298,34 @@ def test_stop_reason_tells_a_capped_run_from_a_converged_one(tmp_path: Path) -> 
     assert "; best 2, 3, 3; stopped: patience 1, time cap 2 |" in text
 
 
+def test_stop_reason_reads_the_trainers_record_first(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """results.json's "training" record decides; the metrics.jsonl derivation is only for run
+    directories written before it existed."""
+    run_dir = _run_dir(tmp_path, "r", [None, 0.3, None, 0.3, None, 0.2], elapsed=70.0)
+    assert _stop(run_dir) == {"best_epoch": 2, "stopped_by": "patience"}  # derived
+    training = {"epochs_run": 6, "best_epoch": 4, "best_valid": 0.3, "stopped_by": "time cap"}
+    (run_dir / "results.json").write_text(json.dumps({"results": [], "training": training}))
+    assert _stop(run_dir) == {"best_epoch": 4, "stopped_by": "time cap"}  # the trainer's word
+    (run_dir / "results.json").write_text(json.dumps({"results": [], "training": {
+        "epochs_run": 0, "best_epoch": 0, "best_valid": None, "stopped_by": "not trained"}}))
+    assert _stop(run_dir) == {}  # no training, as before the record existed
+    (run_dir / "results.json").write_text(json.dumps({"results": []}))  # an older results.json
+    assert _stop(run_dir) == {"best_epoch": 2, "stopped_by": "patience"}
+    # a real run: the record carries the trainer's epochs, best epoch and reason
+    monkeypatch.setenv("RETR_DATA_DIR", str(tmp_path / "data"))
+    run = tmp_path / "runs" / "sasrec"
+    argv = ["train", "--data", TINY, "--model", "sasrec", "--out", str(run), "--json",
+            "--set", "train.epochs=2", "--set", "model.hidden_size=8", "--set",
+            "model.num_heads=1", "--set", "model.max_len=8", "--set", "train.progress=false"]
+    assert common.run_and_record(tmp_path, "sasrec", argv, run, {"label": "sasrec", "seed": 0})
+    record = json.loads((tmp_path / "sasrec.json").read_text())
+    trained = record["results"]["training"]
+    assert record["epochs"] == trained["epochs_run"] == 2
+    assert record["stopped_by"] == trained["stopped_by"] == "epoch cap"
+    assert record["best_epoch"] == trained["best_epoch"] in (1, 2)
+
+
 def _speed_row(impl: str, loss: str, max_len: int, command: str) -> dict:
     return {"implementation": impl, "loss": loss, "max_len": max_len, "budget_minutes": 15,
             "command": command, "seconds_per_epoch": 1.0, "epochs_in_budget": "0.010",
