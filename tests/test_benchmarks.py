@@ -471,3 +471,29 @@ def test_speed_worker_retr_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert all(0.0 <= e["valid_sampled_ndcg10"] <= 1.0 for e in res["epochs"])
     assert res["full_ranking_seconds"] > 0
     assert 0 < res["latency"]["p50_ms"] <= res["latency"]["p99_ms"]
+
+
+def test_results_prose_and_published_numbers_live_in_files(tmp_path: Path) -> None:
+    """Every prose block of results_text.md is placed by make_results and every block it
+    places exists; published.toml is checked; recorded script commands show in module form."""
+    import re
+
+    blocks = make_results._blocks()
+    source = Path(make_results.__file__).read_text(encoding="utf-8")
+    used = set(re.findall(r'text\("([^"{]+)"', source))
+    used |= {f"table {key}" for key in make_results.TABLES}
+    used |= {f"ranking {protocol}" for protocol in make_results.PROTOCOLS}
+    assert set(blocks) == used and all(blocks.values())
+    for key in make_results.TABLES:  # each table's block starts with its heading
+        assert make_results.text(f"table {key}").startswith("## ")
+    assert make_results.text("ranking full", title="T") == "### T: full ranking"
+    rows = make_results.load_published()
+    assert rows and all(r["ours_retr"].startswith("retr-") for r in rows)
+    bad = tmp_path / "published.toml"
+    bad.write_text('[[row]]\ndataset = "x"\nmodel = "y"\nprotocol = "full"\n'
+                   'protocol_text = "full ranking"\nmetrics = { "AUC" = 0.5 }\nours_retr = "r"\n')
+    with pytest.raises(ValueError, match="row 1 needs"):
+        make_results.load_published(bad)
+    assert make_results.module_form("python benchmarks/bench_speed.py --only 2 --max-len 50") \
+        == "python -m benchmarks.bench_speed --only 2 --max-len 50"
+    assert make_results.module_form("retr train --config c.toml") == "retr train --config c.toml"
