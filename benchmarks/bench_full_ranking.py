@@ -1,8 +1,8 @@
 """Full-ranking evaluation throughput and peak memory of `pop` (the scoring path every model uses).
 
 Usage:
-    python benchmarks/bench_full_ranking.py ml-1m            # needs RETR_DATA_DIR
-    python benchmarks/bench_full_ranking.py catalogue --items 1000000 --users 20000
+    python -m benchmarks.bench_full_ranking ml-1m            # needs RETR_DATA_DIR
+    python -m benchmarks.bench_full_ranking catalogue --items 1000000 --users 20000
 
 Prints users/s and peak RSS; memory stays bounded by batch_size x item_chunk scores whatever the
 catalogue size.
@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import numpy as np
 import torch
 
-from retr.config import DataConfig, EvalConfig
-from retr.data.dataset import SequenceDataset, Vocabulary
-from retr.data.load import load_dataset
-from retr.data.splits import make_split
-from retr.evaluation.protocol import evaluate
-from retr.models.pop import Pop
+import retr
+from retr import SequenceDataset, Vocabulary
+
+from .common import peak_rss_mb
 
 
 def big_catalogue(n_items: int, n_users: int, seq_len: int, seed: int = 0) -> SequenceDataset:
@@ -35,10 +32,6 @@ def big_catalogue(n_items: int, n_users: int, seq_len: int, seed: int = 0) -> Se
     vocab = Vocabulary(users=[str(u) for u in range(n_users)], items=[str(i) for i in range(n_items)])
     return SequenceDataset(items=items.astype(np.int64), offsets=offsets, vocab=vocab,
                            name=f"catalogue-{n_items}")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -57,15 +50,16 @@ def main() -> None:
     if args.source == "catalogue":
         ds = big_catalogue(args.items, args.users, args.seq_len)
     else:
-        ds = load_dataset(DataConfig(source=args.source))
-    split = make_split(ds, "loo")
+        ds = retr.load_dataset(retr.RunConfig.from_dict({"data": {"source": args.source}}).data)
+    split = retr.make_split(ds, "loo")
     load_s = time.perf_counter() - t0
-    model = Pop(ds.n_items)
+    model = retr.build_model("pop", ds.n_items)
     model.fit_counts(split.train_item_counts(ds))
-    cfg = EvalConfig(ks=[10], batch_size=args.batch_size, item_chunk=args.item_chunk)
+    cfg = retr.RunConfig.from_dict({"eval": {"ks": [10], "batch_size": args.batch_size,
+                                             "item_chunk": args.item_chunk}}).eval
     rss_before = peak_rss_mb()
     t0 = time.perf_counter()
-    res = evaluate(model, ds, split.test, "full", cfg, progress=True)
+    res = retr.evaluate(model, ds, split.test, "full", cfg, progress=True)
     secs = time.perf_counter() - t0
     print(json.dumps({
         "dataset": ds.name, "users": len(split.test), "items": ds.n_items,

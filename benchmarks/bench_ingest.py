@@ -1,21 +1,20 @@
 """Ingestion of a large interaction log: time and peak memory from Parquet to compact sequences.
 
 Usage:
-    python benchmarks/bench_ingest.py --rows 20000000 [--users 200000 --items 50000] [--dir /tmp]
+    python -m benchmarks.bench_ingest --rows 20000000 [--users 200000 --items 50000] [--dir /tmp]
         [--dataframe]
 
 Writes a synthetic Parquet log (Zipf-popular items, random timestamps), then times
 `load_dataset` on it (streamed parquet read, 5-core, chronological sort, vocabulary, flat
-storage). ``--dataframe`` instead times the DataFrame path, `read_interactions` then
-`build_dataset`, with the read/preprocess split. Peak RSS is the process maximum, so run one
-mode per process.
+storage). ``--dataframe`` instead times the DataFrame path, `retr.read_interactions` then
+`retr.dataset_from_frame` (the same preprocessing), with the read/preprocess split. Peak RSS
+is the process maximum, so run one mode per process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -23,14 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retr.config import DataConfig
-from retr.data.load import load_dataset
-from retr.data.preprocess import Preprocessing, build_dataset
-from retr.data.readers import read_interactions
+import retr
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from .common import peak_rss_mb
 
 
 def write_log(path: Path, rows: int, users: int, items: int, seed: int = 0) -> None:
@@ -59,9 +53,11 @@ def main() -> None:
     p.add_argument("--items", type=int, default=50_000)
     p.add_argument("--dir", type=Path, default=Path("/tmp"))
     p.add_argument("--dataframe", action="store_true",
-                   help="time read_interactions + build_dataset instead of load_dataset")
+                   help="time read_interactions + dataset_from_frame instead of load_dataset")
     a = p.parse_args()
     path = a.dir / f"retr-ingest-{a.rows}.parquet"
+    data = retr.RunConfig.from_dict({"data": {"source": str(path), "min_user_interactions": 5,
+                                              "min_item_interactions": 5}}).data
     t0 = time.perf_counter()
     if not path.exists():
         write_log(path, a.rows, a.users, a.items)
@@ -70,16 +66,15 @@ def main() -> None:
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     if a.dataframe:
-        log = read_interactions(path)
+        log = retr.read_interactions(path)
         stages["read_seconds"] = round(time.perf_counter() - t0, 1)
         stages["peak_rss_mb_after_read"] = round(peak_rss_mb())
         t1 = time.perf_counter()
-        ds = build_dataset(log, Preprocessing(5, 5), name=path.name)
+        ds = retr.dataset_from_frame(log, data, name=path.name)
         stages["preprocess_seconds"] = round(time.perf_counter() - t1, 1)
         del log
     else:
-        ds = load_dataset(DataConfig(source=str(path), min_user_interactions=5,
-                                     min_item_interactions=5))
+        ds = retr.load_dataset(data)
     total_s = time.perf_counter() - t0
     print(json.dumps({
         "rows": a.rows, "file_mb": round(path.stat().st_size / 2**20, 1),

@@ -6,7 +6,7 @@ threads send requests for a bounded time per scenario: one history per request
 errors, requests/s, histories/s and latency p50/p90/p99. The in-process Python call
 (``Recommender.recommend``, no HTTP) is timed too, as the floor HTTP adds to.
 
-    python benchmarks/bench_serving.py RUN_DIR --concurrency 4 --seconds 5 --batches 1,16,64
+    python -m benchmarks.bench_serving RUN_DIR --concurrency 4 --seconds 5 --batches 1,16,64
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ def _serve(run_dir: str, port: int, threads: int, max_batch: int) -> None:
     import torch
     import uvicorn
 
-    from retr.serving import Recommender
-    from retr.serving.http import create_app
+    from retr import Recommender, create_app
 
     if threads:
         torch.set_num_threads(threads)
@@ -134,7 +133,7 @@ def _in_process(run_dir: str, histories: list[list[str]], k: int, seconds: float
                 threads: int) -> dict[str, Any]:
     import torch
 
-    from retr.serving import Recommender
+    from retr import Recommender
 
     if threads:
         torch.set_num_threads(threads)
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if not batches or min(batches) < 1:
         parser.error("--batches must list integers >= 1")
 
-    from retr.serving import Recommender
+    from retr import Recommender
 
     rec = Recommender.load(args.run_dir)
     rng = np.random.default_rng(0)

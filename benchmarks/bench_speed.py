@@ -1,14 +1,14 @@
 """Training and serving speed side by side: retr's SASRec and RETR vs RecTools' and RecBole's.
 
 Usage:
-    python benchmarks/bench_speed.py [--minutes 4] [--threads 2] [--peers rectools,recbole]
+    python -m benchmarks.bench_speed [--minutes 4] [--threads 2] [--peers rectools,recbole]
         [--only 1,2] [--max-len 200] [--venv-dir benchmarks/.peers]
         [--out benchmarks/results/speed.json]
 
 Same data and configuration for every implementation: ml-1m (5-core, leave-one-out; every
 model trains on each user's items but the last two), sequence length 200, hidden 64, 2 layers,
 2 heads, batch 128, Adam 1e-3, dropout 0.2, ID embeddings only. Each implementation runs in a
-fresh process (`speed_worker.py`) of its own interpreter — RecTools 0.19 and RecBole 1.2.1 each
+fresh process (`benchmarks.speed_worker`) of its own interpreter — RecTools 0.19 and RecBole 1.2.1 each
 in a virtualenv this script creates (see ``PEERS``; never retr dependencies) — and gets a
 training budget of ``--minutes``. RecBole trains on every prefix of every sequence (about a
 million samples per ml-1m epoch), so its budget ends inside its first epoch: it is trained in
@@ -43,17 +43,12 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from retr.config import DataConfig
-from retr.data.load import load_dataset
-from retr.data.negatives import sample_negatives
-from retr.data.splits import leave_one_out
-from retr.models import build_model
-from retr.training.losses import compute_loss
+import retr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import code_version  # noqa: E402
+from .common import code_version
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent  # the workers run as ``python -m benchmarks.speed_worker`` from here
 PEERS = {  # pip installs per peer, in order: torch first, so pip keeps the local CPU build
     "rectools": [["torch==2.13.0"], ["rectools[torch]==0.19.0"]],
     # RecBole 1.2.1 runs only beside the numpy/pandas/scipy/scikit-learn of its time
@@ -75,8 +70,8 @@ LOSS_NAMES = {"bce": "BCE, 1 negative", "ce": "full softmax CE"}
 
 def prepare(work: Path, max_len: int, seed: int = 0) -> dict[str, int]:
     """ml-1m's training part as a CSV, the validation targets and their negatives."""
-    dataset = load_dataset(DataConfig(source="ml-1m"))
-    split = leave_one_out(dataset)
+    dataset = retr.load_dataset(retr.RunConfig.from_dict({"data": {"source": "ml-1m"}}).data)
+    split = retr.make_split(dataset, "loo")
     train = split.examples("valid")  # valid prefix = each user's training items
     starts = np.repeat(dataset.offsets[train.users], train.lengths)
     order = np.arange(len(starts)) - np.repeat(np.cumsum(train.lengths) - train.lengths,
@@ -87,7 +82,7 @@ def prepare(work: Path, max_len: int, seed: int = 0) -> dict[str, int]:
     pd.DataFrame({"user_id": np.repeat(ext_users[train.users], train.lengths),
                   "item_id": ext_items[dataset.items[starts + order]],
                   "datetime": order}).to_csv(work / "train.csv", index=False)
-    neg = sample_negatives(dataset, train, 100, seed=seed)
+    neg = retr.sample_negatives(dataset, train, 100, seed=seed)
     np.savez(work / "valid.npz", users=ext_users[train.users], targets=ext_items[train.targets],
              negatives=ext_items[neg])
     rng = np.random.default_rng(seed)
@@ -112,8 +107,8 @@ def peer_python(name: str, venv_dir: Path) -> Path:
 
 def run_worker(python: Path, argv: list[str]) -> tuple[dict[str, Any], float]:
     """Run one worker; its JSON and peak RSS in MB (wait4 of that process alone)."""
-    proc = subprocess.Popen([str(python), str(HERE / "speed_worker.py"), *argv],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([str(python), "-m", "benchmarks.speed_worker", *argv],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -157,7 +152,7 @@ def epoch_gflop(model_name: str, loss: str, n_items: int, max_len: int, hidden: 
                            "max_len": max_len}
     if model_name == "retr":
         cfg["ffn_size"] = hidden
-    model = build_model(model_name, n_items, cfg)
+    model = retr.build_model(model_name, n_items, cfg)
     gen = torch.Generator().manual_seed(0)
     lengths, counts = np.unique(windows[windows > 0], return_counts=True)
     total = 0.0
@@ -166,7 +161,7 @@ def epoch_gflop(model_name: str, loss: str, n_items: int, max_len: int, hidden: 
         with FlopCounterMode(display=False) as counter:
             states = model(seqs).hidden.reshape(-1, model.item_representation(
                 torch.tensor([1])).shape[-1])
-            compute_loss(loss, model, states, seqs.reshape(-1), gen, 1).backward()
+            retr.compute_loss(loss, model, states, seqs.reshape(-1), gen, 1).backward()
         total += counter.get_total_flops() * count
     return total / 1e9
 
@@ -185,12 +180,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
     args = p.parse_args()
     max_len, hidden, batch = args.max_len, 64, 128
-    stats = prepare(args.work, max_len)
-    windows = np.load(args.work / "windows.npy")
+    work = args.work.resolve()  # the workers run from the repository root
+    stats = prepare(work, max_len)
+    windows = np.load(work / "windows.npy")
     print(f"[speed] data: {stats}", flush=True)
-    peers = {name: peer_python(name, args.venv_dir) for name in filter(None, args.peers.split(","))}
+    venv_dir = args.venv_dir.absolute()  # not resolved: a venv's python is a symlink
+    peers = {name: peer_python(name, venv_dir) for name in filter(None, args.peers.split(","))}
     only = {int(x) for x in args.only.split(",") if x}
-    command = "python benchmarks/bench_speed.py " + " ".join(
+    command = "python -m benchmarks.bench_speed " + " ".join(
         shlex.quote(a) for a in sys.argv[1:])
     code = code_version()
     fp32 = matmul_gflops(args.threads, torch.float32)
@@ -200,7 +197,7 @@ def main() -> None:
         if (only and number not in only) or (impl != "retr" and impl not in peers):
             continue
         python = Path(sys.executable) if impl == "retr" else peers[impl]
-        argv = ["--impl", impl, "--model", model, "--loss", loss, "--work", str(args.work),
+        argv = ["--impl", impl, "--model", model, "--loss", loss, "--work", str(work),
                 "--minutes", str(args.minutes), "--threads", str(args.threads),
                 "--target", str(args.target), "--max-len", str(max_len),
                 "--hidden", str(hidden), "--batch-size", str(batch)]

@@ -1,7 +1,7 @@
 """The cross-domain protocol (X-RETR), as close to the paper as the data here allows.
 
 Usage:
-    python benchmarks/cross_domain.py --out benchmarks/results [--seeds 0,1,2] [--dry-run]
+    python -m benchmarks.cross_domain --out benchmarks/results [--seeds 0,1,2] [--dry-run]
 
 The paper pre-trains on five Amazon categories and fine-tunes on others; those exact sets are
 not available offline. Here the sources are every set with item text that is neither target
@@ -15,7 +15,7 @@ their MiniLM text vectors; the targets are Office and Musical_Instruments. Per s
 - ``zero-shot``: the pre-trained text-only model evaluated on the target, no training step.
 
 Every model shares one small CPU recipe (below) and one epoch budget. Records go to
-``<out>/xd-*.json`` in the grid's format; `benchmarks/make_results.py` renders them.
+``<out>/xd-*.json`` in the grid's format; `python -m benchmarks.make_results` renders them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from grid import run_and_record
+from .common import run_and_record
 
 SOURCES = ["ml-1m", "ml-100k", "magazine"]
 TARGETS = ["office", "musical-instruments"]

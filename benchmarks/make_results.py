@@ -1,117 +1,90 @@
 """Turn the benchmark JSON records into RESULTS.md: mean ± std over seeds, both protocols.
 
 Usage:
-    python benchmarks/make_results.py benchmarks/results --out RESULTS.md
+    python -m benchmarks.make_results benchmarks/results --out RESULTS.md
 
-Reads the run records written by `grid.py`, `cross_domain.py` and `pathway_only.py`
-(``*.json`` with a ``results`` field), plus, when present, ``speed.json`` (`bench_speed.py`),
-``params_flops.json`` (`params_flops.py --json-out`) and ``notes-<table>.md`` (observations
-placed under that table's heading, such as a seed that stopped early).
+Reads the run records written by `grid`, `cross_domain` and `pathway_only` (``*.json`` with a
+``results`` field), plus, when present, ``speed.json`` (`bench_speed`), ``params_flops.json``
+(`params_flops --json-out`) and ``notes-<table>.md`` (observations placed under that table's
+heading, such as a seed that stopped early). The prose is ``results_text.md`` beside this file
+and the literature's numbers ``published.toml``: this module holds only the logic.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import statistics
+import tomllib
 from collections import Counter, defaultdict
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+from .grid import load_grid
+
 METRICS = ("HR@10", "NDCG@10", "MRR")
 
-# Published rows: dataset, protocol (ours: "full" or "sampled"; its words), model, published
-# HR@10 and NDCG@10 (or MRR alone), our row of the same model and loss at the paper's recipe,
-# and our RETR row.
-FULL, SAMPLED_100, SAMPLED_99 = ("full", "full ranking"), ("sampled", "100 uniform negatives"), \
-    ("sampled", "99 uniform negatives")
-PUBLISHED: list[tuple[str, tuple[str, str], str, tuple[float, ...], str | None, str]] = [
-    ("ML-1M", SAMPLED_100, "SASRec", (0.8245, 0.5905), "sasrec-bpr-ml-1m-paper",
-     "retr-bpr-ml-1m-paper"),
-    ("ML-1M", FULL, "SASRec (BCE, 1 negative)", (0.2500, 0.1341), "sasrec-bpr-ml-1m-paper",
-     "retr-bpr-ml-1m-paper"),
-    ("ML-1M", FULL, "SASRec with cross-entropy", (0.3152, 0.1821), "sasrec-ce-ml-1m-paper",
-     "retr-ce-ml-1m-paper"),
-    ("ML-1M", FULL, "BERT4Rec", (0.2843, 0.1537), "bert4rec-ml-1m-paper", "retr-ce-ml-1m-paper"),
-    ("ML-1M", FULL, "gSASRec", (0.3003, 0.1726), None, "retr-ce-ml-1m-paper"),
-    ("ML-1M", FULL, "HSTU-large", (0.3294, 0.1893), None, "retr-ce-ml-1m-paper"),
-    ("Beauty (S3-Rec data)", FULL, "SASRec", (0.0605, 0.0318), "sasrec-bpr-beauty-paper",
-     "retr-bpr-beauty-paper"),
-    ("Beauty (S3-Rec data)", FULL, "SASRec with sampled softmax", (0.0921, 0.0531),
-     "sasrec-ce-beauty-paper", "retr-ce-beauty-paper"),
-    ("Sports (S3-Rec data)", FULL, "SASRec with sampled softmax", (0.0569, 0.0314),
-     "sasrec-ce-sports-paper", "retr-ce-sports-paper"),
-    ("Yelp (S3-Rec data)", SAMPLED_99, "SASRec", (0.3927,), "sasrec-ce-yelp-paper",
-     "retr-ce-yelp-paper"),
-    ("Yelp (S3-Rec data)", SAMPLED_99, "S3-Rec", (0.4190,), None, "retr-ce-yelp-paper"),
-    ("Yelp (S3-Rec data)", SAMPLED_99, "RETR (its paper)", (0.4354,), None, "retr-ce-yelp-paper"),
-]
+HERE = Path(__file__).resolve().parent
+TABLES = ("intra-domain", "paper-recipe", "ablation", "pathway-only", "cross-domain")
+PROTOCOLS = ("full", "sampled")
+BLOCK = re.compile(r"^<!-- (.+?) -->$", re.M)
+
+
+@cache
+def _blocks(path: Path = HERE / "results_text.md") -> dict[str, str]:
+    """The prose blocks of RESULTS.md by name: the text under each ``<!-- name -->`` line."""
+    parts = BLOCK.split(path.read_text(encoding="utf-8"))
+    return {name: body.strip("\n") for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def text(name: str, **fields: Any) -> str:
+    """The prose block ``name`` with its ``{placeholders}`` filled from ``fields``."""
+    blocks = _blocks()
+    if name not in blocks:
+        raise KeyError(f"results_text.md has no block {name!r}")
+    return blocks[name].format(**fields)
+
+
+def load_published(path: Path = HERE / "published.toml") -> list[dict[str, Any]]:
+    """The published rows (see the file's header), checked."""
+    rows = tomllib.loads(path.read_text(encoding="utf-8")).get("row", [])
+    for i, row in enumerate(rows, 1):
+        metrics = row.get("metrics") or {}
+        if row.get("protocol") not in PROTOCOLS or not metrics or not set(metrics) <= set(METRICS):
+            raise ValueError(f"{path}: row {i} needs protocol in {PROTOCOLS} and metrics among "
+                             f"{METRICS}")
+    return rows
 
 
 def published_beside_ours(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The numbers everyone quotes beside ours (paper-recipe rows, mean over their seeds)."""
-    lines = ["## Published numbers beside ours", "",
-             "HR@10 / NDCG@10 (MRR alone on the Yelp rows, whose published protocol reports it); "
-             "each published row under its paper's protocol, ours under the same protocol "
-             "(candidates as in our row) at the paper's recipe, mean over the seeds of the "
-             "table above. Our row of the same model is trained with the loss its label names "
-             "(full CE where the published row used a sampled softmax). The last column is "
-             "RETR's NDCG@10 (MRR) against the published one.", "",
+    lines = [text("published"), "",
              "| dataset | protocol | model | published | ours, same model | ours, RETR "
              "| RETR vs published |", "|---|---|---|---|---|---|---|"]
 
-    def ours(label: str | None, protocol: str, mrr: bool) -> tuple[str, float | None]:
+    def ours(label: str | None, protocol: str,
+             names: tuple[str, ...]) -> tuple[str, float | None]:
         rs = groups.get(label or "", [])
         res = _test(rs[0], protocol) if rs else None
         if res is None:
             return "-", None
-        names = ("MRR",) if mrr else ("HR@10", "NDCG@10")
         means = [statistics.fmean(metric_values(rs, protocol, m)) for m in names]
         cand = f"1 + {res['negatives']}, " if protocol == "sampled" else ""
         return f"{' / '.join(f'{v:.4f}' for v in means)} ({cand}`{label}`)", means[-1]
 
-    for dataset, (protocol, where), model, published, same, retr in PUBLISHED:
-        mrr = len(published) == 1
-        shown = ("MRR " if mrr else "") + " / ".join(f"{v:.4f}" for v in published)
-        ours_same, _ = ours(same, protocol, mrr)
-        ours_retr, value = ours(retr, protocol, mrr)
+    for row in load_published():
+        names, published = tuple(row["metrics"]), list(row["metrics"].values())
+        named = "" if names == ("HR@10", "NDCG@10") else " / ".join(names) + " "
+        shown = named + " / ".join(f"{v:.4f}" for v in published)
+        ours_same, _ = ours(row.get("ours_same"), row["protocol"], names)
+        ours_retr, value = ours(row["ours_retr"], row["protocol"], names)
         gap = f"{100 * (value / published[-1] - 1):+.1f} %" if value is not None else "-"
-        lines.append(f"| {dataset} | {where} | {model} | {shown} | {ours_same} | {ours_retr} "
-                     f"| {gap} |")
+        lines.append(f"| {row['dataset']} | {row['protocol_text']} | {row['model']} | {shown} "
+                     f"| {ours_same} | {ours_retr} | {gap} |")
     return lines + [""]
-
-INTROS = {
-    "intra-domain": "Fast recipes (`configs/<model>-<dataset>-fast.toml`: d=64, h=2, L=2, N=200 "
-                    "on ml-1m and 50 elsewhere, batch 256, Adam 1e-3), one thread per run, "
-                    "`benchmarks/grids/cpu.toml`. Epochs run / epoch cap (early stopping on "
-                    "validation full NDCG@10, patience 5); where recorded, each seed's best "
-                    "validation epoch and how its training ended. Yelp keeps repeat "
-                    "visits as candidates and samples 99 negatives (its published protocol).",
-    "paper-recipe": "The paper's recipes (`configs/<model>-<dataset>.toml`: d=256, h=4, L=2, "
-                    "N=200 on ml-1m and 100 elsewhere, batch 512, Adam 1e-3, up to 300 epochs, "
-                    "early stopping on validation full NDCG@10 with patience 10) on a GPU, "
-                    "`benchmarks/grids/paper.toml`, several runs sharing the GPU at once (LastFM "
-                    "and Pop on the CPU). A `train.max_minutes` in a row's command is the "
-                    "wall-clock cap of a lent machine; the epochs column says, per seed, the "
-                    "best validation epoch and whether training ended by patience or by that "
-                    "cap (then not at convergence).",
-    "ablation": "RETR with CE, one switch per row (`benchmarks/grids/ablations.toml`), beside "
-                "the unablated `retr-ce-<dataset>` row of the intra-domain grid (same recipe, "
-                "budget and seeds).",
-    "pathway-only": "`benchmarks/pathway_only.py`: a trained RETR routes each user's history "
-                    "(deterministic route of the last layer); models are retrained on the kept "
-                    "tokens (`pathway`), the dropped ones (`off-pathway`) or the unchanged "
-                    "window (`all`), each followed by the same validation and test targets.",
-    "cross-domain": "`benchmarks/cross_domain.py`: pre-training on ml-1m + ml-100k + "
-                    "Magazine_Subscriptions with items seen only through MiniLM text vectors "
-                    "(UniSRec adaptor, 8 experts), then per target: ID-only RETR from scratch; "
-                    "X-RETR / X-SASRec = the pre-trained model with new item-ID vectors beside "
-                    "the text adaptor, backbone frozen; zero-shot = the text-only pre-trained "
-                    "model, no training on the target. d=64, h=2, L=2, N=50, CE, one thread. "
-                    "The paper's Amazon source categories are not available offline: this is "
-                    "the closest honest setting, not the paper's.",
-}
 
 
 def _fmt(values: list[float]) -> str:
@@ -133,8 +106,7 @@ def _test(record: dict[str, Any], protocol: str) -> dict[str, Any] | None:
 def _cap(record: dict[str, Any]) -> str:
     """The epoch cap the run trained under (its recipe and ``--set`` overrides, resolved as
     ``retr train`` resolves them), and the wall-clock cap when there is one."""
-    from retr.config import resolve_config
-    from retr.errors import RetrError
+    from retr import RetrError, resolve_config
 
     argv = shlex.split(record["command"])
     sets = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--set"]
@@ -254,7 +226,7 @@ def speed_goals(rows: list[dict[str, Any]], max_len: int = 200) -> list[str]:
     rectools = [r for r in peers if r["implementation"].startswith("RecTools")]
     if not ours:
         return []
-    lines = [f"Against the goals (N={max_len}; each ratio from the rows above):", "",
+    lines = [text("speed-goals", max_len=max_len), "",
              "| goal | measured | met |", "|---|---|---|"]
 
     def add(goal: str, measured: str, met: bool) -> None:
@@ -305,9 +277,15 @@ def speed_goals(rows: list[dict[str, Any]], max_len: int = 200) -> list[str]:
     return lines + [""]
 
 
+def module_form(command: str) -> str:
+    """A recorded ``python benchmarks/<script>.py ...`` command as it runs today,
+    ``python -m benchmarks.<script> ...`` (the records keep the command that made them)."""
+    return re.sub(r"^python benchmarks/(\w+)\.py\b", r"python -m benchmarks.\1", command)
+
+
 def speed_section(path: Path) -> list[str]:
     data = json.loads(path.read_text())
-    lines = ["## Speed and memory, side by side", "", data.get("note", ""), "",
+    lines = [text("speed"), "", data.get("note", ""), "",
              "| implementation | loss | N | budget min | s/epoch | sequences/s | tokens/s | "
              "epochs in budget | time to valid sampled NDCG@10 ≥ target | full-ranking users/s "
              "(top-10, all users) | single-history p50 / p99 ms | peak RSS MB | model GFLOP/s "
@@ -319,36 +297,22 @@ def speed_section(path: Path) -> list[str]:
         util = (f"{r['model_gflops_per_second']} ({r['fp32_matmul_utilisation_percent']} %)"
                 if "model_gflops_per_second" in r else "-")
         if r["command"] not in commands:
-            commands.append(r["command"])
+            commands.append(r["command"])  # as recorded; shown in today's form below
         lines.append("| " + " | ".join(str(r.get(k, "-")) for k in (
             "implementation", "loss", "max_len", "budget_minutes", "seconds_per_epoch",
             "sequences_per_second", "tokens_per_second", "epochs_in_budget", "time_to_target",
             "full_ranking_users_per_second", "latency_ms", "peak_rss_mb"))
             + f" | {util} | {commands.index(r['command']) + 1} |")
-    lines += ["", *speed_goals(data["rows"]), "Commands:", ""]
+    lines += ["", *speed_goals(data["rows"]), text("speed-commands"), ""]
     for i, c in enumerate(commands, 1):
         codes = sorted({r["code"] for r in data["rows"] if r["command"] == c and "code" in r})
-        lines.append(f"{i}. `{c}`" + (f" (code {', '.join(codes)})" if codes else ""))
+        lines.append(f"{i}. `{module_form(c)}`" + (f" (code {', '.join(codes)})" if codes else ""))
     machines = sorted({r["machine"] for r in data["rows"] if "machine" in r})
     if machines:
-        lines += ["", "Machine: " + "; ".join(machines)]
+        lines += ["", text("speed-machine", machines="; ".join(machines))]
     if speed_curves(data, path.parent / "speed_curves.png"):
-        lines += ["", "![validation NDCG@10 against training time](benchmarks/results/"
-                  "speed_curves.png)"]
-    lines += ["", "Tokens are the real (non-padding) training positions. retr and RecTools "
-              "train each user's last N items per epoch, every position at once (as SASRec "
-              "does); retr runs each batch in its default `train.length_groups = 4` groups of "
-              "similar length, each cut to its longest history (the same loss, less work on "
-              "padding), and computes its full-softmax loss and gradient in one buffer. RecBole trains on every prefix of every sequence, one target per sample "
-              "(about a million samples per ml-1m epoch), so its budget ends inside its first "
-              "epoch: its epochs in budget is the share of one epoch done, its s/epoch the time "
-              "a whole epoch would take at that pace, and its tokens/s its samples/s. RecBole's "
-              "single-history requests start from internal item ids (no id mapping), retr's "
-              "and RecTools' from external ids. For reference "
-              "only (not run here): the SASRec.pytorch script (hidden 50, maxlen 200, batch 128, "
-              "BCE) has been measured on this kind of machine at about 20 s per ml-1m epoch "
-              "(≈ 300 sequences/s, 1.0 GB) reaching validation sampled NDCG@10 0.51 after 15 "
-              "epochs and 0.567 after 25."]
+        lines += ["", text("speed-curves")]
+    lines += ["", text("speed-notes")]
     return lines + [""]
 
 
@@ -387,10 +351,8 @@ def speed_curves(data: dict[str, Any], out: Path) -> bool:
 def params_section(path: Path) -> list[str]:
     data = json.loads(path.read_text())
     c = data["config"]
-    lines = ["## Parameters and FLOPs", "",
-             f"`python benchmarks/params_flops.py` (d={c['hidden']}, h={c['heads']}, "
-             f"L={c['layers']}, N={c['max_len']}, {c['items']} items; forward FLOPs of one "
-             "sequence, final scoring excluded).", "",
+    lines = [text("params", hidden=c["hidden"], heads=c["heads"], layers=c["layers"],
+                  max_len=c["max_len"], items=c["items"]), "",
              "| model | parameters | vs SASRec | GFLOP / sequence | vs SASRec |",
              "|---|---|---|---|---|"]
     for name, r in data["models"].items():
@@ -401,8 +363,6 @@ def params_section(path: Path) -> list[str]:
 
 def coverage(records: list[dict[str, Any]], grids: list[Path]) -> list[str]:
     """The grid runs with no record yet: what RESULTS.md does not cover."""
-    from grid import load_grid
-
     have = {(r["label"], r["seed"]) for r in records}
     lines = []
     for path in grids:
@@ -416,12 +376,11 @@ def coverage(records: list[dict[str, Any]], grids: list[Path]) -> list[str]:
                 missing.append(run["label"] if len(absent) == len(seeds)
                                else f"{run['label']} (seed {','.join(map(str, absent))})")
         if missing:
-            lines.append(f"- `{path.as_posix()}`: {len(missing)} of {len(runs)} "
-                         f"rows incomplete: {', '.join(missing)}.")
+            lines.append(text("not-measured-grid", grid=path.as_posix(), missing=len(missing),
+                              rows=len(runs), labels=", ".join(missing)))
     if not lines:
         return []
-    return ["## Not yet measured", "", "Grid rows without all their seeds (rerun the grid "
-            "command: finished runs are skipped):", "", *lines, ""]
+    return [text("not-measured"), "", *lines, ""]
 
 
 def build(records: list[dict[str, Any]], results_dir: Path,
@@ -429,54 +388,43 @@ def build(records: list[dict[str, Any]], results_dir: Path,
     tables: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         tables[r.get("table", "intra-domain")][r["label"]].append(r)
-    lines = ["# Results", "",
-             "Generated by `python benchmarks/make_results.py benchmarks/results` from the JSON",
-             "records the benchmark scripts write (`benchmarks/results/*.json`, one per run and",
-             "seed). Test split, model selected on validation; mean ± std over the seeds listed;",
-             "every row gives the exact command of its first seed (the others differ only in",
-             "`--seed`). Data are read from `$RETR_DATA_DIR`. Runs on a 2-core CPU machine unless",
-             "a section names other hardware.", ""]
-    titles = {"intra-domain": "Intra-domain", "paper-recipe": "Intra-domain, the paper's recipe",
-              "ablation": "Ablations",
-              "pathway-only": "Pathway-only retraining", "cross-domain": "Cross-domain (X-RETR)"}
-    for key, title in titles.items():
+    lines = [text("header"), ""]
+    for key in TABLES:
         groups = tables.get(key)
         if not groups:
             continue
-        lines += [f"## {title}", "", INTROS[key], ""]
+        section = text(f"table {key}")  # "## <title>", then the table's introduction
+        title = section.splitlines()[0].removeprefix("## ")
+        lines += [section, ""]
         notes = results_dir / f"notes-{key}.md"  # what the numbers alone do not say
         if notes.exists():
             lines += [notes.read_text(encoding="utf-8").strip(), ""]
         machines = sorted({r["hardware"] for rs in groups.values() for r in rs if "hardware" in r})
         if key == "paper-recipe" and machines:
-            lines += [f"Hardware: {'; '.join(machines)}.", ""]
+            lines += [text("hardware", machines="; ".join(machines)), ""]
         codes = Counter(r.get("code", "not recorded") for rs in groups.values() for r in rs)
         if set(codes) != {"not recorded"}:
-            lines += ["Code of the records (commit: records; older records did not note it): "
-                      + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())) + ".", ""]
+            lines += [text("codes", codes=", ".join(f"{c}: {n}" for c, n in sorted(codes.items()))),
+                      ""]
         if key in ("intra-domain", "paper-recipe"):
-            lines += ["### Pathway attention vs its base model (mean test NDCG@10, same recipe, "
-                      "budget and seeds)", "",
-                      *head_to_head(groups), ""]
+            lines += [text("head-to-head"), "", *head_to_head(groups), ""]
         if key == "ablation":  # the unablated rows beside their ablations
             intra = tables.get("intra-domain", {})
             groups = {**{label: rs for label, rs in intra.items()
                          if any(a.startswith(label + "-") for a in groups)}, **groups}
-            lines += ["### Each switch against unablated RETR (mean test metric over the seeds "
-                      "both have)", "", *ablation_deltas(groups), ""]
+            lines += [text("ablation-deltas"), "", *ablation_deltas(groups), ""]
         if key == "pathway-only":
             stats = next(iter(groups.values()))[0].get("routes", {})
-            lines += [f"Route statistics: `{json.dumps(stats)}`", ""]
-        for protocol in ("full", "sampled"):
-            name = "Full ranking" if protocol == "full" else "Sampled ranking (the paper's protocol)"
-            lines += [f"### {title}: {name.lower()}", "", *table(groups, protocol), ""]
+            lines += [text("route-statistics", stats=json.dumps(stats)), ""]
+        for protocol in PROTOCOLS:
+            lines += [text(f"ranking {protocol}", title=title), "", *table(groups, protocol), ""]
         if key == "paper-recipe" or (key == "intra-domain" and "paper-recipe" not in tables):
             lines += published_beside_ours(tables.get("paper-recipe", {}))
     if "pretrain" in tables:
-        lines += ["Pre-training runs (validation on the merged sources): "
-                  + "; ".join(f"{label}: {statistics.fmean(r['epochs'] for r in rs):.0f} epochs, "
-                              f"{statistics.fmean(r['train_seconds'] for r in rs) / 60:.1f} min"
-                              for label, rs in sorted(tables["pretrain"].items())), ""]
+        lines += [text("pretrain", runs="; ".join(
+            f"{label}: {statistics.fmean(r['epochs'] for r in rs):.0f} epochs, "
+            f"{statistics.fmean(r['train_seconds'] for r in rs) / 60:.1f} min"
+            for label, rs in sorted(tables["pretrain"].items()))), ""]
     lines += coverage(records, grids or [])
     if (results_dir / "params_flops.json").exists():
         lines += params_section(results_dir / "params_flops.json")
@@ -493,7 +441,7 @@ def main() -> None:
                    help="grid files whose missing runs are listed (default: every "
                         "benchmarks/grids/*.toml)")
     args = p.parse_args()
-    grid_dir = Path(__file__).resolve().parent / "grids"
+    grid_dir = HERE / "grids"
     if grid_dir.is_relative_to(Path.cwd()):  # shown as typed: benchmarks/grids/cpu.toml
         grid_dir = grid_dir.relative_to(Path.cwd())
     grids = args.grid or sorted(grid_dir.glob("*.toml"))

@@ -1,7 +1,7 @@
 """Parameters and forward FLOPs per sequence: RETR vs SASRec (the paper: "the router is light").
 
 Usage:
-    python benchmarks/params_flops.py [--hidden 256 --heads 4 --layers 2 --max-len 200 --items 3416]
+    python -m benchmarks.params_flops [--hidden 256 --heads 4 --layers 2 --max-len 200 --items 3416]
         [--json-out benchmarks/results/params_flops.json]
 
 FLOPs are counted by torch's FlopCounterMode on one full-length sequence (matrix products and
@@ -18,8 +18,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from retr.models import build_model
-from retr.models.layers import count_parameters
+import retr
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Trainable parameters (every one, in a freshly built model)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def main() -> None:
@@ -29,7 +33,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--max-len", type=int, default=200)
     p.add_argument("--items", type=int, default=3416)
-    p.add_argument("--json-out", type=Path, help="also write the JSON here (make_results.py reads it)")
+    p.add_argument("--json-out", type=Path, help="also write the JSON here (benchmarks.make_results reads it)")
     a = p.parse_args()
     common = {"hidden_size": a.hidden, "num_heads": a.heads, "num_layers": a.layers,
               "max_len": a.max_len}
@@ -41,7 +45,7 @@ def main() -> None:
     seqs = torch.randint(1, a.items + 1, (1, a.max_len))
     rows = {}
     for label, (name, cfg) in variants.items():
-        model = build_model(name, a.items, cfg).eval()
+        model = retr.build_model(name, a.items, cfg).eval()
         with FlopCounterMode(display=False) as counter:
             model(seqs)
         emb = a.items + 1

@@ -1,7 +1,7 @@
 """The pathway-only experiment (spec "Claims"): retrain on the tokens a trained RETR keeps.
 
 Usage:
-    python benchmarks/pathway_only.py RETR_RUN_DIR --out benchmarks/results [--seeds 0,1,2]
+    python -m benchmarks.pathway_only RETR_RUN_DIR --out benchmarks/results [--seeds 0,1,2]
         [--set train.epochs=5 ...]
 
 A trained RETR run (leave-one-out split) routes every user's training history (the last
@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from grid import run_and_record
 
-from retr.runs import load_run
+from retr import load_run
+
+from .common import run_and_record
 
 BATCH = 256
 

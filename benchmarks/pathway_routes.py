@@ -29,8 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retr.evaluation.routes import route_statistics
-from retr.runs import load_run
+from retr import load_run, route_statistics
 
 RHO = 0.25
 BASE = ["--config", "configs/synthetic.toml", "--model", "retr", "--set", "train.threads=1"]

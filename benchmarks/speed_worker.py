@@ -1,7 +1,9 @@
-"""One implementation's side of `bench_speed.py`, run in that implementation's own interpreter.
+"""One implementation's side of `benchmarks.bench_speed`, run in that implementation's own interpreter
+(``python -m benchmarks.speed_worker`` from the repository root).
 
 Needs only numpy, pandas and the library under test, so it runs in a peer's virtualenv (where
-retr is not installed). Reads the shared work directory that bench_speed.py prepared:
+retr is not installed): it imports nothing else from this package. Reads the shared work
+directory that bench_speed prepared:
 
 - ``train.csv``: user_id, item_id, datetime (each user's training items, in order);
 - ``valid.npz``: users [U], targets [U], negatives [U, 100] (external ids);
@@ -232,33 +234,29 @@ class RetrSide:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         import torch
 
-        from retr.config import RunConfig
-        from retr.data.preprocess import NO_PREPROCESSING, build_dataset
-        from retr.serving.recommender import Recommender
+        import retr
 
         torch.set_num_threads(args.threads)
-        df = pd.read_csv(work / "train.csv").rename(
-            columns={"user_id": "user", "item_id": "item", "datetime": "timestamp"})
-        df["user"], df["item"] = df["user"].astype(str), df["item"].astype(str)
-        self.dataset = build_dataset(df, NO_PREPROCESSING, name="ml-1m-train")
         model_cfg: dict[str, Any] = {"hidden_size": args.hidden, "num_heads": args.heads,
                                      "num_layers": args.layers, "max_len": args.max_len}
         if args.model == "retr":
             model_cfg["ffn_size"] = args.hidden
-        self.cfg = RunConfig.from_dict({
+        self.cfg = retr.RunConfig.from_dict({
             "seed": args.seed, "model": {"name": args.model, **model_cfg},
+            "data": {"min_user_interactions": 0, "min_item_interactions": 0},
             "train": {"loss": args.loss, "batch_size": args.batch_size, "lr": 1e-3,
                       "negatives": 1, "threads": args.threads, "progress": False,
                       "precision": args.precision, "length_groups": args.length_groups}},
             "bench")
-        from retr.models import build_model
+        # user_id, item_id, datetime: the frame's usual column names; ids are read as text
+        self.dataset = retr.dataset_from_frame(pd.read_csv(work / "train.csv"), self.cfg.data,
+                                               name="ml-1m-train")
         torch.manual_seed(args.seed)
-        self.model = build_model(args.model, self.dataset.n_items, model_cfg)
+        self.model = retr.build_model(args.model, self.dataset.n_items, model_cfg)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.epoch = 0
         self.user_index = {u: i for i, u in enumerate(self.dataset.vocab.users)}
         self.items = np.array(self.dataset.vocab.items)
-        self.recommender_cls = Recommender
 
     def train_epoch(self) -> None:
         """One epoch of `retr train`'s loop (``retr.train_epoch``) over every user's sequence."""
@@ -275,34 +273,30 @@ class RetrSide:
     def scores(self, users: np.ndarray) -> np.ndarray:
         import torch
 
-        from retr.evaluation.ranking import user_states
+        import retr
 
         self.model.eval()
         ids, out = self._ids(users), []
         for start in range(0, len(ids), 500):
             u = ids[start:start + 500]
-            h = user_states(self.model, self.dataset, u, self.dataset.lengths[u])
+            h = retr.user_states(self.model, self.dataset, u, self.dataset.lengths[u])
             with torch.no_grad():
                 out.append(self.model.score_items(
                     h, torch.arange(1, self.dataset.n_items + 1)).numpy())
         return np.concatenate(out)
 
     def _recommender(self) -> Any:
-        return self.recommender_cls(self.model.eval(), self.dataset.vocab, self.cfg.model_name)
+        import retr
+
+        return retr.Recommender(self.model.eval(), self.dataset.vocab, self.cfg.model_name)
 
     def topk_all(self, users: np.ndarray) -> None:
-        """Top-10 for every user, history excluded: the evaluation path (user batches x item
-        chunks), the same work as RecTools' ``recommend(filter_viewed=True)``."""
-        from retr.evaluation.ranking import history_pairs, topk_items, user_states
+        """Top-10 for every user, history excluded: the evaluation path (``retr.top_k``, user
+        batches x item chunks), the same work as RecTools' ``recommend(filter_viewed=True)``."""
+        import retr
 
-        self.model.eval()
         ids = self._ids(users)
-        for start in range(0, len(ids), 256):
-            u = ids[start:start + 256]
-            lengths = self.dataset.lengths[u]
-            h = user_states(self.model, self.dataset, u, lengths)
-            rows, items = history_pairs(self.dataset, u, lengths)
-            topk_items(self.model, h, 10, self.dataset.n_items, rows, items)
+        retr.top_k(self.model, self.dataset, ids, self.dataset.lengths[ids], k=10, batch_size=256)
 
     def one(self, user: Any) -> None:
         if not hasattr(self, "_rec"):

@@ -226,3 +226,43 @@ def test_flat_dict_matches_the_saved_model_table() -> None:
     assert flat_dict(cfg.model) == {k: v for k, v in cfg.to_dict()["model"].items()
                                     if k != "name"}
     assert shutil.which(sys.executable)
+
+
+def test_public_split_negatives_states_and_top_k() -> None:
+    """The pieces under ``retr.evaluate`` and ``retr.Recommender`` are public and agree."""
+    import torch
+
+    ds = retr.dataset_from_frame(_interactions(), RunConfig().data)
+    torch.manual_seed(0)
+    model = retr.build_model("sasrec", ds.n_items, {"hidden_size": 16, "max_len": 20}).eval()
+    split = retr.make_split(ds, "loo")
+    negatives = retr.sample_negatives(ds, split.test, 20, seed=0)
+    assert negatives.shape == (len(split.test), 20)
+    for row, user in zip(negatives, split.test.users, strict=True):  # never an item of the user
+        assert not set(row.tolist()) & set(ds.sequence(user).tolist())
+    res = retr.evaluate(model, ds, split.test, "sampled", RunConfig().eval, negatives)
+    assert res["negatives"] == 20 and res["n_examples"] == len(split.test)
+    users = np.arange(ds.n_users)
+    ids, scores = retr.top_k(model, ds, users, ds.lengths, k=5, batch_size=7)
+    assert ids.shape == scores.shape == (ds.n_users, 5)
+    h = retr.user_states(model, ds, users, ds.lengths)
+    with torch.no_grad():
+        every = model.score_items(h, torch.arange(1, ds.n_items + 1)).numpy()  # [U, n_items]
+    rec = retr.Recommender(model, ds.vocab, "sasrec")
+    for u in (0, 3, ds.n_users - 1):
+        seen = set(ds.sequence(u).tolist())
+        assert not seen & set(ids[u].tolist())  # history excluded
+        assert np.all(np.diff(scores[u]) <= 0)  # best first
+        np.testing.assert_allclose(scores[u], every[u, ids[u] - 1], rtol=1e-5)
+        history = [ds.vocab.items[i - 1] for i in ds.sequence(u)]
+        assert rec.recommend(history, k=5).items == [ds.vocab.items[i - 1] for i in ids[u]]
+    again, _ = retr.top_k(model, ds, users, ds.lengths, k=5, exclude_history=False)
+    assert any(set(again[u].tolist()) & set(ds.sequence(u).tolist()) for u in users)
+
+
+def test_create_app_is_public_and_fastapi_stays_optional() -> None:
+    code = ("import sys, retr; assert callable(retr.create_app); "
+            "assert not {'fastapi', 'uvicorn', 'pydantic'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ,
+                   "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
+                                                  os.environ.get("PYTHONPATH", "")])})

@@ -9,15 +9,46 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import cross_domain  # noqa: E402
-import grid  # noqa: E402
-import make_results  # noqa: E402
-import pathway_only  # noqa: E402
+from benchmarks import (
+    bench_full_ranking,
+    bench_ingest,
+    bench_speed,
+    common,
+    cross_domain,
+    grid,
+    make_results,
+    params_flops,
+    pathway_only,
+    speed_worker,
+)
 
 TINY = "synthetic:n_users=150,n_items=150,n_themes=10,min_len=10,max_len=16,seed=1"
+
+
+def test_benchmarks_use_only_the_public_api() -> None:
+    """Every ``retr`` name the benchmarks import or reach as ``retr.<name>`` is in
+    ``retr.__all__`` (or comes from ``retr.errors``): they run on what users get."""
+    import ast
+
+    import retr
+
+    public = set(retr.__all__)
+    found = []
+    for path in sorted((Path(common.__file__).parent).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (
+                    node.module == "retr" or node.module.startswith("retr.")):
+                found += [(path.name, node.module, a.name) for a in node.names]
+            elif isinstance(node, ast.Import):
+                found += [(path.name, a.name, "") for a in node.names
+                          if a.name.startswith("retr.")]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id == "retr":
+                found.append((path.name, "retr", node.attr))
+    assert found  # the walk sees the benchmarks' imports
+    private = [f for f in found if f[1] not in ("retr", "retr.errors")
+               or (f[1] == "retr" and f[2] not in public)]
+    assert not private, private
 
 
 def _record(label: str, seed: int, full: float, sampled: float, table: str = "intra-domain",
@@ -68,7 +99,7 @@ def test_results_cli_skips_other_json(tmp_path: Path, monkeypatch: pytest.Monkey
     (tmp_path / "a.json").write_text(json.dumps(_record("pop-toy", 0, 0.01, 0.2, epochs=0)))
     (tmp_path / "speed_raw.json").write_text(json.dumps({"rows": []}))
     out = tmp_path / "R.md"
-    monkeypatch.setattr(sys, "argv", ["make_results.py", str(tmp_path), "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["make_results", str(tmp_path), "--out", str(out)])
     make_results.main()
     text = out.read_text()
     assert "pop-toy" in text and "no training" in text
@@ -90,22 +121,22 @@ def test_run_and_record_writes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("RETR_DATA_DIR", str(tmp_path / "data"))
     run_dir = tmp_path / "runs" / "pop"
     argv = ["train", "--data", TINY, "--model", "pop", "--out", str(run_dir), "--json"]
-    assert grid.run_and_record(tmp_path, "pop", argv, run_dir, {"label": "pop", "seed": 0})
+    assert common.run_and_record(tmp_path, "pop", argv, run_dir, {"label": "pop", "seed": 0})
     record = json.loads((tmp_path / "pop.json").read_text())
     assert record["command"].startswith("retr train --data") and record["epochs"] == 0
-    assert record["code"] == grid.code_version() and record["code"]  # a commit, or the version
+    assert record["code"] == common.code_version() and record["code"]  # a commit, or the version
     assert {r["protocol"] for r in record["results"]["results"]} == {"full", "sampled"}
     (tmp_path / "pop.json").write_text(json.dumps({**record, "marker": 1}))
-    assert grid.run_and_record(tmp_path, "pop", argv, run_dir, {})  # exists: not rerun
+    assert common.run_and_record(tmp_path, "pop", argv, run_dir, {})  # exists: not rerun
     assert json.loads((tmp_path / "pop.json").read_text())["marker"] == 1
     stale = tmp_path / "runs" / "stale"  # killed before its first epoch: no trainer state
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{}")
     argv = ["train", "--data", TINY, "--model", "pop", "--out", str(stale), "--json"]
-    assert grid.run_and_record(tmp_path, "stale", argv, stale, {"label": "stale", "seed": 0})
+    assert common.run_and_record(tmp_path, "stale", argv, stale, {"label": "stale", "seed": 0})
     assert json.loads((stale / "config.json").read_text())["model"]["name"] == "pop"
     bad = ["train", "--data", TINY, "--model", "nope", "--out", str(tmp_path / "x"), "--json"]
-    assert not grid.run_and_record(tmp_path, "bad", bad, tmp_path / "x", {})
+    assert not common.run_and_record(tmp_path, "bad", bad, tmp_path / "x", {})
     assert not (tmp_path / "bad.json").exists()
 
 
@@ -160,12 +191,12 @@ def test_grid_only_and_seeds_select_runs(tmp_path: Path, monkeypatch: pytest.Mon
                                          capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "g.toml"
     path.write_text('seeds = [0, 1, 2]\n[[run]]\nconfig = "a.toml"\n[[run]]\nconfig = "b.toml"\n')
-    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--out", str(tmp_path), "--dry-run",
+    monkeypatch.setattr(sys, "argv", ["grid", str(path), "--out", str(tmp_path), "--dry-run",
                                       "--only", "b", "--seeds", "2"])
     grid.main()
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and "--config b.toml" in lines[0] and "--seed 2" in lines[0]
-    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--dry-run", "--only", "c"])
+    monkeypatch.setattr(sys, "argv", ["grid", str(path), "--dry-run", "--only", "c"])
     with pytest.raises(SystemExit, match="no run labelled c"):
         grid.main()
 
@@ -176,7 +207,7 @@ def test_grid_jobs_set_and_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     --stop-after-minutes starts none once the time has passed."""
     path = tmp_path / "g.toml"
     path.write_text('seeds = [0, 1]\nset = ["train.threads=1"]\n[[run]]\nconfig = "a.toml"\n')
-    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--out", str(tmp_path), "--dry-run",
+    monkeypatch.setattr(sys, "argv", ["grid", str(path), "--out", str(tmp_path), "--dry-run",
                                       "--set", "train.max_minutes=3"])
     grid.main()
     lines = capsys.readouterr().out.splitlines()
@@ -189,25 +220,25 @@ def test_grid_jobs_set_and_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         return True
 
     monkeypatch.setattr(grid, "run_and_record", fake_run)
-    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--out", str(tmp_path), "--jobs", "2"])
+    monkeypatch.setattr(sys, "argv", ["grid", str(path), "--out", str(tmp_path), "--jobs", "2"])
     grid.main()
     assert sorted(started) == ["a-seed0", "a-seed1"]
     started.clear()
     clock = iter([0.0, 100.0, 100.0])  # the grid's start, then each run's check
     monkeypatch.setattr(grid.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--out", str(tmp_path),
+    monkeypatch.setattr(sys, "argv", ["grid", str(path), "--out", str(tmp_path),
                                       "--stop-after-minutes", "1"])
     grid.main()
     assert started == [] and "not started (--stop-after-minutes)" in capsys.readouterr().out
-    monkeypatch.setattr(sys, "argv", ["grid.py", str(path), "--jobs", "0"])
+    monkeypatch.setattr(sys, "argv", ["grid", str(path), "--jobs", "0"])
     with pytest.raises(SystemExit, match="--jobs must be at least 1"):
         grid.main()
 
 
 def test_grid_hardware_follows_the_last_device_override() -> None:
-    cpu = grid.hardware(["--set", "train.device=cuda", "--set", "train.device=cpu"])
+    cpu = common.hardware(["--set", "train.device=cuda", "--set", "train.device=cpu"])
     assert "CPUs" in cpu and "CUDA" not in cpu and "NVIDIA" not in cpu
-    assert grid.hardware(["--set", "train.threads=1"]) == cpu
+    assert common.hardware(["--set", "train.threads=1"]) == cpu
 
 
 def test_results_budget_reads_the_recipe_and_notes(tmp_path: Path) -> None:
@@ -240,11 +271,11 @@ def _run_dir(tmp_path: Path, name: str, valid: list[float | None], elapsed: floa
 
 
 def _stop(run_dir: Path) -> dict:
-    """``grid.stop_reason`` given the run's metrics.jsonl, as ``run_and_record`` reads it."""
+    """``common.stop_reason`` given the run's metrics.jsonl, as ``run_and_record`` reads it."""
     metrics = run_dir / "metrics.jsonl"
     epochs = [json.loads(line) for line in metrics.read_text().splitlines()] \
         if metrics.exists() else []
-    return grid.stop_reason(run_dir, epochs)
+    return common.stop_reason(run_dir, epochs)
 
 
 def test_stop_reason_tells_a_capped_run_from_a_converged_one(tmp_path: Path) -> None:
@@ -267,6 +298,34 @@ def test_stop_reason_tells_a_capped_run_from_a_converged_one(tmp_path: Path) -> 
     assert "; best 2, 3, 3; stopped: patience 1, time cap 2 |" in text
 
 
+def test_stop_reason_reads_the_trainers_record_first(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """results.json's "training" record decides; the metrics.jsonl derivation is only for run
+    directories written before it existed."""
+    run_dir = _run_dir(tmp_path, "r", [None, 0.3, None, 0.3, None, 0.2], elapsed=70.0)
+    assert _stop(run_dir) == {"best_epoch": 2, "stopped_by": "patience"}  # derived
+    training = {"epochs_run": 6, "best_epoch": 4, "best_valid": 0.3, "stopped_by": "time cap"}
+    (run_dir / "results.json").write_text(json.dumps({"results": [], "training": training}))
+    assert _stop(run_dir) == {"best_epoch": 4, "stopped_by": "time cap"}  # the trainer's word
+    (run_dir / "results.json").write_text(json.dumps({"results": [], "training": {
+        "epochs_run": 0, "best_epoch": 0, "best_valid": None, "stopped_by": "not trained"}}))
+    assert _stop(run_dir) == {}  # no training, as before the record existed
+    (run_dir / "results.json").write_text(json.dumps({"results": []}))  # an older results.json
+    assert _stop(run_dir) == {"best_epoch": 2, "stopped_by": "patience"}
+    # a real run: the record carries the trainer's epochs, best epoch and reason
+    monkeypatch.setenv("RETR_DATA_DIR", str(tmp_path / "data"))
+    run = tmp_path / "runs" / "sasrec"
+    argv = ["train", "--data", TINY, "--model", "sasrec", "--out", str(run), "--json",
+            "--set", "train.epochs=2", "--set", "model.hidden_size=8", "--set",
+            "model.num_heads=1", "--set", "model.max_len=8", "--set", "train.progress=false"]
+    assert common.run_and_record(tmp_path, "sasrec", argv, run, {"label": "sasrec", "seed": 0})
+    record = json.loads((tmp_path / "sasrec.json").read_text())
+    trained = record["results"]["training"]
+    assert record["epochs"] == trained["epochs_run"] == 2
+    assert record["stopped_by"] == trained["stopped_by"] == "epoch cap"
+    assert record["best_epoch"] == trained["best_epoch"] in (1, 2)
+
+
 def _speed_row(impl: str, loss: str, max_len: int, command: str) -> dict:
     return {"implementation": impl, "loss": loss, "max_len": max_len, "budget_minutes": 15,
             "command": command, "seconds_per_epoch": 1.0, "epochs_in_budget": "0.010",
@@ -277,8 +336,6 @@ def _speed_row(impl: str, loss: str, max_len: int, command: str) -> dict:
 def test_speed_rows_merge_and_render(tmp_path: Path) -> None:
     """A rerun replaces rows of the same implementation, loss and N, keeps the others, and
     RESULTS.md lists each row's own command."""
-    import bench_speed
-
     out = tmp_path / "speed.json"
     bench_speed.write_rows(out, [_speed_row("retr SASRec", "CE", 200, "cmd-a"),
                                  _speed_row("RecBole 1.2.1 SASRec", "CE", 200, "cmd-a")], {})
@@ -296,9 +353,6 @@ def test_speed_rows_merge_and_render(tmp_path: Path) -> None:
 
 
 def test_epoch_flops_count_each_history_at_its_own_length() -> None:
-    import bench_speed
-    import numpy as np
-
     one = bench_speed.epoch_gflop("sasrec", "ce", 50, 20, 16, np.array([7]))
     assert one > 0
     assert bench_speed.epoch_gflop("sasrec", "ce", 50, 20, 16, np.array([7, 0, 7])) == \
@@ -351,3 +405,95 @@ def test_one_seed_shows_no_spread() -> None:
     assert make_results._fmt([0.1234]) == "0.1234"  # not "± 0.0000"
     assert make_results._fmt([0.1, 0.3]) == "0.2000 ± 0.1414"
     assert make_results._fmt([]) == "-"
+
+
+def _run_main(main: object, argv: list[str], monkeypatch: pytest.MonkeyPatch,
+              capsys: pytest.CaptureFixture[str]) -> dict:
+    """A script's main() with ``argv``; the JSON object it printed last."""
+    monkeypatch.setattr(sys, "argv", argv)
+    main()  # type: ignore[operator]
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])
+
+
+def test_small_scripts_run_through_the_public_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Full ranking over a catalogue, both ingestion paths, parameters and FLOPs, at toy sizes."""
+    ranking = _run_main(bench_full_ranking.main, ["bench_full_ranking", "catalogue", "--items",
+                                                  "500", "--users", "40", "--seq-len", "6",
+                                                  "--item-chunk", "128"], monkeypatch, capsys)
+    assert ranking["items"] == 500 and ranking["users"] == 40  # every item of the catalogue
+    assert ranking["users_per_second"] > 0 and 0.0 <= ranking["NDCG@10"] <= ranking["HR@10"]
+    ingest = ["bench_ingest", "--rows", "20000", "--users", "300", "--items", "200",
+              "--dir", str(tmp_path)]
+    streamed = _run_main(bench_ingest.main, ingest, monkeypatch, capsys)
+    frame = _run_main(bench_ingest.main, [*ingest, "--dataframe"], monkeypatch, capsys)
+    assert streamed["path"] != frame["path"] and "preprocess_seconds" in frame
+    for key in ("users", "items", "interactions"):  # one dataset, whichever path read it
+        assert streamed[key] == frame[key] > 0
+    out = tmp_path / "pf.json"
+    pf = _run_main(params_flops.main, ["params_flops", "--hidden", "16", "--heads", "2",
+                                       "--max-len", "12", "--items", "50", "--json-out",
+                                       str(out)], monkeypatch, capsys)
+    assert json.loads(out.read_text()) == pf
+    rows = pf["models"]
+    assert rows["sasrec"]["parameters_vs_sasrec"] == 1.0
+    assert rows["retr"]["parameters"] > rows["sasrec"]["parameters"]  # the router's weights
+    assert all(r["parameters"] - r["parameters_without_item_table"] == 51 * 16
+               for r in rows.values())
+
+
+def test_speed_worker_retr_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The retr side of the speed benchmark on a toy work directory: epochs, validation,
+    top-10 for every user and single-history latencies."""
+    import retr
+
+    frame = retr.synthetic_interactions(n_users=40, n_items=60, n_themes=5, min_len=10,
+                                        max_len=14, seed=3)
+    frame["user_id"] = frame["user_id"].astype(int) + 1000
+    frame["item_id"] = frame["item_id"].astype(int)
+    frame["datetime"] = frame.groupby("user_id").cumcount()
+    frame[["user_id", "item_id", "datetime"]].to_csv(tmp_path / "train.csv", index=False)
+    users = np.sort(frame["user_id"].unique())
+    items = np.sort(frame["item_id"].unique())
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "valid.npz", users=users, targets=rng.choice(items, len(users)),
+             negatives=np.stack([rng.choice(items, 5, replace=False) for _ in users]))
+    np.save(tmp_path / "latency_users.npy", users[:12])
+    res = _run_main(speed_worker.main, ["speed_worker", "--impl", "retr", "--model", "retr",
+                                        "--loss", "ce", "--work", str(tmp_path), "--max-epochs",
+                                        "2", "--target", "2", "--threads", "1", "--hidden", "8",
+                                        "--max-len", "10", "--batch-size", "16"],
+                    monkeypatch, capsys)
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2]  # the target (2) is never reached
+    assert res["time_to_target_seconds"] is None and res["users"] == len(users)
+    assert all(0.0 <= e["valid_sampled_ndcg10"] <= 1.0 for e in res["epochs"])
+    assert res["full_ranking_seconds"] > 0
+    assert 0 < res["latency"]["p50_ms"] <= res["latency"]["p99_ms"]
+
+
+def test_results_prose_and_published_numbers_live_in_files(tmp_path: Path) -> None:
+    """Every prose block of results_text.md is placed by make_results and every block it
+    places exists; published.toml is checked; recorded script commands show in module form."""
+    import re
+
+    blocks = make_results._blocks()
+    source = Path(make_results.__file__).read_text(encoding="utf-8")
+    used = set(re.findall(r'text\("([^"{]+)"', source))
+    used |= {f"table {key}" for key in make_results.TABLES}
+    used |= {f"ranking {protocol}" for protocol in make_results.PROTOCOLS}
+    assert set(blocks) == used and all(blocks.values())
+    for key in make_results.TABLES:  # each table's block starts with its heading
+        assert make_results.text(f"table {key}").startswith("## ")
+    assert make_results.text("ranking full", title="T") == "### T: full ranking"
+    rows = make_results.load_published()
+    assert rows and all(r["ours_retr"].startswith("retr-") for r in rows)
+    bad = tmp_path / "published.toml"
+    bad.write_text('[[row]]\ndataset = "x"\nmodel = "y"\nprotocol = "full"\n'
+                   'protocol_text = "full ranking"\nmetrics = { "AUC" = 0.5 }\nours_retr = "r"\n')
+    with pytest.raises(ValueError, match="row 1 needs"):
+        make_results.load_published(bad)
+    assert make_results.module_form("python benchmarks/bench_speed.py --only 2 --max-len 50") \
+        == "python -m benchmarks.bench_speed --only 2 --max-len 50"
+    assert make_results.module_form("retr train --config c.toml") == "retr train --config c.toml"

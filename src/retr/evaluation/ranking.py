@@ -196,6 +196,32 @@ def topk_items(model: SequentialRecommender, h: torch.Tensor, k: int, n_items: i
     return best_i, best_s
 
 
+def top_k(model: SequentialRecommender, dataset: SequenceDataset, users: np.ndarray,
+          lengths: np.ndarray, k: int = 10, exclude_history: bool = True, batch_size: int = 256,
+          item_chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Each (user, prefix length)'s ``k`` best items over the whole catalogue, best first.
+
+    Returns ([U, k] internal item ids, [U, k] scores). The evaluation path: user batches of
+    ``batch_size`` x item chunks of ``item_chunk`` (memory bounded whatever the catalogue), the
+    states of :func:`user_states`, every item of the prefix excluded unless
+    ``exclude_history`` is False. Ties order by lower id; rows with fewer than ``k`` rankable
+    items end in id 0 with score -inf. ``dataset.vocab.items[i - 1]`` is item ``i``'s
+    external id.
+    """
+    model.eval()
+    ids, scores = [], []
+    for sl in _batches(len(users), batch_size):
+        h = user_states(model, dataset, users[sl], lengths[sl])
+        rows, items = history_pairs(dataset, users[sl], lengths[sl]) if exclude_history \
+            else (None, None)
+        i, s = topk_items(model, h, k, dataset.n_items, rows, items, item_chunk=item_chunk)
+        ids.append(i.cpu())
+        scores.append(s.cpu())
+    if not ids:
+        return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+    return torch.cat(ids).numpy(), torch.cat(scores).numpy()
+
+
 def _stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Columns of each row's k best scores, best first, ties by lower column: what a stable
     descending sort's first k columns are, without sorting whole rows.

@@ -175,8 +175,12 @@ def compute_loss(name: str, model: SequentialRecommender, h: torch.Tensor, targe
                  gen: torch.Generator, negatives: int, gbce_t: float = 0.75,
                  label_smoothing: float = 0.0,
                  proposal: torch.Tensor | None = None) -> torch.Tensor:
-    """Dispatch on the configured loss name (``label_smoothing``: "ce"; ``proposal``:
-    "sampled_softmax")."""
+    """The training loss ``name`` (one of ``LOSSES``: "bpr", "bce", "ce", "sampled_softmax",
+    "gbce") of next-item states ``h`` [P, d] against their targets [P] (internal ids), what
+    ``train_epoch`` computes per batch: ``negatives`` per position for the sampled losses, drawn
+    with ``gen``; ``gbce_t`` for "gbce"; ``label_smoothing`` for "ce"; ``proposal`` (the
+    negatives' distribution, None = uniform) for "sampled_softmax". A scalar to call
+    ``backward()`` on."""
     if name == "bpr":
         return bpr_loss(model, h, targets, gen, negatives)
     if name == "bce":
