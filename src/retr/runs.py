@@ -13,6 +13,7 @@ trained on an in-memory DataFrame (``data.source = "dataframe"``) also keeps its
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -208,14 +209,16 @@ def _env(dataset: SequenceDataset) -> dict[str, Any]:
 
 def train(cfg: RunConfig, dataset: SequenceDataset, run_dir: str | Path, resume: bool = False,
           log: Any = log, model: SequentialRecommender | None = None,
-          fit_model: bool = True) -> dict[str, Any]:
+          fit_model: bool = True,
+          on_validation: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Train ``cfg.model_name`` on ``dataset`` into ``run_dir``; return the final results.
 
     ``model`` replaces the freshly built one (fine-tuning starts from transferred weights);
     ``fit_model=False`` evaluates it as it is, with no training (zero-shot transfer).
 
     With ``resume`` the run continues from ``run_dir/trainer_state.pt`` and ends with the same
-    weights an uninterrupted run would have (CPU, deterministic mode).
+    weights an uninterrupted run would have (CPU, deterministic mode). ``on_validation(epoch,
+    value)`` is called after each validation (see :func:`retr.training.trainer.fit`).
     """
     run_dir = Path(run_dir)
     setup_torch(cfg)
@@ -224,7 +227,7 @@ def train(cfg: RunConfig, dataset: SequenceDataset, run_dir: str | Path, resume:
     ctx, device = distributed.setup(cfg.train.device)
     try:
         return _train(cfg, dataset, run_dir, resume, log if ctx.is_main else _quiet, model,
-                      fit_model, ctx, device)
+                      fit_model, ctx, device, on_validation)
     finally:
         distributed.cleanup(ctx)
 
@@ -235,7 +238,8 @@ def _quiet(msg: str) -> None:
 
 def _train(cfg: RunConfig, dataset: SequenceDataset, run_dir: Path, resume: bool, log: Any,
            model: SequentialRecommender, fit_model: bool, ctx: distributed.Context,
-           device: torch.device) -> dict[str, Any]:
+           device: torch.device,
+           on_validation: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     if cfg.train.tensorboard and ctx.is_main:
         summary_writer_class()  # fail before anything is written, not after the first epoch
     if ctx.is_main:
@@ -266,7 +270,7 @@ def _train(cfg: RunConfig, dataset: SequenceDataset, run_dir: Path, resume: bool
         save_weights(model, run_dir / "last.safetensors", meta)
         summary = FitSummary(0, 0, None, "not trained")
         return final_evaluation(cfg, model, data, run_dir, summary)
-    summary = fit(cfg, model, data, run_dir, resume, device, log, ctx)
+    summary = fit(cfg, model, data, run_dir, resume, device, log, ctx, on_validation)
     if not ctx.is_main:
         return {"model": cfg.model_name, "results": []}
     load_weights(model, run_dir / "model.safetensors")

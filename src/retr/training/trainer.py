@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -278,12 +279,15 @@ class FitSummary:
 
 def fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: Path,
         resume: bool = False, device: torch.device | None = None, log: Any = print,
-        ctx: distributed.Context | None = None) -> FitSummary:
+        ctx: distributed.Context | None = None,
+        on_validation: Callable[[int, float], None] | None = None) -> FitSummary:
     """Train ``model`` epoch by epoch, validating and keeping the best weights in ``run_dir``.
 
     Each epoch writes last.safetensors, metrics.jsonl and trainer_state.pt (and
     model.safetensors when validation improved), so ``resume`` continues after the last
     finished epoch. Stops by patience (after ``min_epochs``), ``max_minutes`` or ``epochs``.
+    ``on_validation(epoch, value)`` sees every validation value (a tuner's pruning; an
+    exception it raises ends training there, with the epoch's checkpoints written).
     """
     tc = cfg.train
     device = device or torch.device("cpu")
@@ -377,6 +381,8 @@ def fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: Pa
         # rank 0's evaluation decides for everyone (the others wait here meanwhile)
         shared = distributed.share_from_main([best, best_epoch, bad, elapsed], ctx, device)
         best, best_epoch, bad, elapsed = shared[0], int(shared[1]), int(shared[2]), shared[3]
+        if on_validation is not None and "valid" in row:
+            on_validation(epoch, float(row["valid"][tc.valid_metric]))
         if _patience_spent(tc, bad, epoch):
             log(f"early stop: no {tc.valid_metric} improvement for {bad} epochs")
     if writer is not None:
