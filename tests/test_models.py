@@ -602,3 +602,53 @@ def test_long_windows_attend_in_chunks_with_the_same_result(
     torch.testing.assert_close(model(later).hidden[:, :30], chunked[:, :30])
     monkeypatch.setattr(layers, "ATTENTION_CHUNK", 10_000)
     torch.testing.assert_close(model(seqs).hidden, chunked)
+
+
+MODERN = [{"layout": "prenorm"}, {"norm_type": "rmsnorm"}, {"ffn_type": "swiglu"},
+          {"layout": "prenorm", "norm_type": "rmsnorm", "ffn_type": "swiglu",
+           "residual": "gated"}]
+
+
+@pytest.mark.parametrize("options", MODERN)
+@pytest.mark.parametrize("name", ["retr", "sasrec", "sasrec-pathway"])
+def test_modern_blocks_stay_causal_and_consistent(name: str, options: dict[str, str]) -> None:
+    """Pre-norm, RMSNorm, SwiGLU and gated residuals: every combination trains (gradients reach
+    every parameter), stays causal, and the last-position shortcut gives the same state."""
+    model_name, extra = ("sasrec", {"attention": "pathway"}) if name == "sasrec-pathway" \
+        else (name, {})
+    torch.manual_seed(0)
+    model = build_model(model_name, N_ITEMS, {"hidden_size": D, "num_heads": 2, "max_len": N,
+                                              **extra, **options}).eval()
+    seqs = torch.randint(1, N_ITEMS + 1, (3, N))
+    seqs[0, :5] = 0
+    hidden = model(seqs).hidden
+    later = seqs.clone()
+    later[:, 8:] = (later[:, 8:] % N_ITEMS) + 1
+    torch.testing.assert_close(model(later).hidden[:, :8], hidden[:, :8])
+    torch.testing.assert_close(model.user_representation(seqs), hidden[:, -1])
+    if options.get("norm_type") == "rmsnorm":
+        assert any(isinstance(m, torch.nn.RMSNorm) for m in model.modules())
+    model.train()
+    model(seqs).hidden.sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None and "router" not in n
+              and "item_embedding" not in n]
+    assert not unused, unused
+
+
+def test_gated_residuals_need_a_pre_norm_layout() -> None:
+    with pytest.raises(ConfigError, match="model.layout = 'prenorm'"):
+        build_model("retr", N_ITEMS, {"residual": "gated"})
+    with pytest.raises(ConfigError, match="model.ffn_type"):
+        build_model("sasrec", N_ITEMS, {"ffn_type": "gelu"})
+    sasrec = build_model("sasrec", N_ITEMS, {"residual": "gated"})  # its own layout is pre-norm
+    assert sasrec.blocks[0].gates is not None
+
+
+def test_swiglu_is_the_gated_linear_unit() -> None:
+    from retr.models.layers import SwiGLU
+
+    torch.manual_seed(0)
+    ffn = SwiGLU(4, 6, dropout=0.0)
+    x = torch.randn(2, 3, 4)
+    expected = ffn.fc2(F.silu(ffn.fc1(x)) * ffn.gate(x))
+    torch.testing.assert_close(ffn(x), expected)

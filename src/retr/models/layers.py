@@ -8,12 +8,14 @@ padding position can never change a real one, and an all-padding row stays finit
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retr.errors import ConfigError
 from retr.models.base import ModelOutput
 from retr.models.kernels import (
     ATTENTION_CHUNK,
@@ -166,6 +168,67 @@ class FeedForward(nn.Module):
         return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))  # [B, N, d]
 
 
+@dataclass(frozen=True)
+class BlockOptions:
+    """Transformer-block switches beyond the papers (ours to offer; each default is the paper's
+    block). Model configs hold one as their ``block`` field; its keys sit flat in ``[model]``.
+
+    layout: "paper" (the model's own: RETR post-LN, SASRec's official pre-LN) or "prenorm"
+    (the usual pre-norm layer with a final norm). norm_type: "layernorm" or "rmsnorm".
+    ffn_type: "paper" (the model's ReLU FFN) or "swiglu". residual: "plain" or "gated"
+    (LiGR's gated residuals, Gu et al. 2025, as eSASRec uses them; pre-norm layouts only).
+    """
+
+    layout: str = "paper"
+    norm_type: str = "layernorm"
+    ffn_type: str = "paper"
+    residual: str = "plain"
+
+    def __post_init__(self) -> None:
+        choices = {"layout": ("paper", "prenorm"), "norm_type": ("layernorm", "rmsnorm"),
+                   "ffn_type": ("paper", "swiglu"), "residual": ("plain", "gated")}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"model.{name} must be one of {', '.join(valid)}; "
+                                  f"got {getattr(self, name)!r}")
+
+    def block_args(self, paper_norm: str, paper_activation: str) -> dict[str, Any]:
+        """TransformerBlock keyword arguments for a model whose paper block is
+        (``paper_norm``, ``paper_activation``)."""
+        norm = paper_norm if self.layout == "paper" else "prenorm"
+        if self.residual == "gated" and norm == "post":
+            raise ConfigError("model.residual = 'gated' needs a pre-norm block: set "
+                              "model.layout = 'prenorm'")
+        return {"norm": norm, "norm_type": self.norm_type, "gated": self.residual == "gated",
+                "activation": "swiglu" if self.ffn_type == "swiglu" else paper_activation}
+
+
+class SwiGLU(nn.Module):
+    """Gated FFN(x) = Dropout(W2 Dropout(SiLU(W1 x) ⊙ W3 x)) (Shazeer 2020, "GLU Variants
+    Improve Transformer"); three matrices of width ``hidden``, so 1.5x the parameters of
+    :class:`FeedForward` at the same width."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.gate = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inner = F.silu(self.fc1(x)) * self.gate(x)  # [B, N, hidden]
+        return self.dropout(self.fc2(self.dropout(inner)))  # [B, N, d]
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """LayerNorm (the papers) or RMSNorm (Zhang & Sennrich 2019: no centring, no bias)."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    raise ValueError(f"norm type must be 'layernorm' or 'rmsnorm', got {kind!r}")
+
+
 def attention_mask(real: torch.Tensor, causal: bool) -> torch.Tensor:
     """[B, 1, N, N] bool, True where query q may read key k.
 
@@ -281,21 +344,38 @@ class TransformerBlock(nn.Module):
     and values read the raw input, the residual starts from the normed queries, and there is
     no dropout on the attention output (only on its weights):
         Q = LN(Z);  Ẑ = Q + Attn(Q, Z);  H = LN(Ẑ);  Z' = H + FFN(H)
-    A routed attention's router reads the query input (Z, or LN(Z) in "pre").
+    norm="prenorm" (the usual pre-norm layer; the host model adds a final norm):
+        Ẑ = Z + Dropout(Attn(LN(Z)));  Z' = Ẑ + FFN(LN(Ẑ))
+    A routed attention's router reads the query input (Z, or LN(Z) in "pre" and "prenorm").
+
+    Modern options (ours to offer, off in every paper recipe): ``norm_type="rmsnorm"``,
+    ``activation="swiglu"`` (:class:`SwiGLU`), and ``gated=True``, LiGR's gated residuals
+    (Gu et al. 2025, as eSASRec uses them): each sub-block's output is scaled by
+    σ(W_g LN(x)) before it joins the residual stream; pre-norm layouts only.
     """
 
     def __init__(self, attention: nn.Module, dim: int, ffn_size: int, dropout: float,
-                 norm: str = "post", activation: str = "relu", eps: float = 1e-5) -> None:
+                 norm: str = "post", activation: str = "relu", eps: float = 1e-5,
+                 norm_type: str = "layernorm", gated: bool = False) -> None:
         super().__init__()
-        if norm not in ("post", "pre"):
-            raise ValueError(f"norm must be 'post' or 'pre', got {norm!r}")
+        if norm not in ("post", "pre", "prenorm"):
+            raise ValueError(f"norm must be 'post', 'pre' or 'prenorm', got {norm!r}")
+        if gated and norm == "post":
+            raise ValueError("gated residuals need a pre-norm layout ('pre' or 'prenorm')")
         self.norm = norm
         self.attn = attention
         self.routed = bool(getattr(attention, "routed", False))
-        self.ln1 = nn.LayerNorm(dim, eps=eps)
-        self.ln2 = nn.LayerNorm(dim, eps=eps)
-        self.ffn = FeedForward(dim, ffn_size, dropout, activation)
+        self.ln1 = make_norm(norm_type, dim, eps)
+        self.ln2 = make_norm(norm_type, dim, eps)
+        self.ffn: nn.Module = SwiGLU(dim, ffn_size, dropout) if activation == "swiglu" else \
+            FeedForward(dim, ffn_size, dropout, activation)
         self.dropout = Dropout(dropout)
+        self.gates: nn.ModuleList | None = nn.ModuleList(
+            nn.Linear(dim, dim) for _ in range(2)) if gated else None
+
+    def _gate(self, i: int, normed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """σ(W_g LN(x)) ⊙ f(LN(x)) with gates, f(LN(x)) without."""
+        return out if self.gates is None else torch.sigmoid(self.gates[i](normed)) * out
 
     def _attend(self, q_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
                 route: torch.Tensor | None, output_attentions: bool) -> tuple[
@@ -322,12 +402,19 @@ class TransformerBlock(nn.Module):
             a, weights, route, info = self._attend(xq, x, real, route, output_attentions)
             x = self.ln1(xq + self.dropout(a))  # [B, N, d] Ẑ = LN(Attn(Z) + Z)
             x = self.ln2(x + self.ffn(x))  # [B, N, d] Z' = LN(FFN(Ẑ) + Ẑ)
-        else:
+        elif self.norm == "pre":
             q = self.ln1(xq)  # [B, N, d] layer-normed queries
             a, weights, route, info = self._attend(q, x, real, route, output_attentions)
-            x = q + a  # [B, N, d]
+            x = q + self._gate(0, q, a)  # [B, N, d]
             h = self.ln2(x)  # [B, N, d]
-            x = h + self.ffn(h)  # [B, N, d]
+            x = h + self._gate(1, h, self.ffn(h))  # [B, N, d]
+        else:
+            normed = self.ln1(x)  # [B, N, d] queries, keys and values read LN(Z)
+            q = normed[:, -1:] if last_only else normed
+            a, weights, route, info = self._attend(q, normed, real, route, output_attentions)
+            x = xq + self.dropout(self._gate(0, q, a))  # [B, N, d]
+            h = self.ln2(x)  # [B, N, d]
+            x = x + self._gate(1, h, self.ffn(h))  # [B, N, d]
         keep = info.keep_prob if output_attentions and info is not None else None
         return BlockOutput(x, route, weights, keep, info)
 

@@ -27,12 +27,14 @@ from torch import nn
 from retr.errors import ConfigError
 from retr.models.base import ModelOutput, SequentialRecommender
 from retr.models.layers import (
+    BlockOptions,
     Dropout,
     ItemEmbedding,
     PositionalEmbedding,
     TransformerBlock,
     collect_output,
     init_weights,
+    make_norm,
 )
 from retr.models.pathway import RouterOptions, attention_module
 
@@ -52,6 +54,9 @@ class RETRConfig:
     # the future), inference_route, router_hidden
     pathway: RouterOptions = field(default_factory=RouterOptions)
     init_std: float = 0.02  # std of the truncated-normal initialisation (paper silent)
+    # block switches beyond the paper (layers.BlockOptions), flat keys of [model]: layout
+    # ("paper" post-LN | "prenorm"), norm_type, ffn_type ("paper" | "swiglu"), residual
+    block: BlockOptions = field(default_factory=BlockOptions)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_heads", "num_layers", "max_len", "ffn_size"):
@@ -62,6 +67,7 @@ class RETRConfig:
                               f"model.num_heads ({self.num_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        self.block.block_args("post", "relu")  # a gated residual needs a pre-norm layout
 
 
 class RETR(SequentialRecommender):
@@ -83,9 +89,12 @@ class RETR(SequentialRecommender):
         self.blocks = nn.ModuleList(
             TransformerBlock(attention_module(d, cfg.num_heads, cfg.dropout, causal=True,
                                               out_proj=False, pathway=cfg.pathway),
-                             d, cfg.ffn_size, cfg.dropout, norm="post", activation="relu",
-                             eps=1e-8)
+                             d, cfg.ffn_size, cfg.dropout, eps=1e-8,
+                             **cfg.block.block_args("post", "relu"))
             for _ in range(cfg.num_layers))
+        self.final_norm: nn.Module | None = None  # pre-norm blocks end with one (ours)
+        if cfg.block.layout == "prenorm":
+            self.final_norm = make_norm(cfg.block.norm_type, d, 1e-8)
         init_weights(self, "normal", cfg.init_std)
 
     def forward(self, seqs: torch.Tensor, output_attentions: bool = False) -> ModelOutput:
@@ -101,6 +110,8 @@ class RETR(SequentialRecommender):
             out = block(z, real, route, output_attentions)
             z, route = out.x, out.route  # [B, N, d], [B, N]
             outs.append(out)
+        if self.final_norm is not None:
+            z = self.final_norm(z)
         hidden = z * mask  # [B, N, d] Z^L; score(k, t) = e_k · Z^L_t
         return collect_output(hidden, outs, output_attentions)
 

@@ -26,12 +26,14 @@ from torch import nn
 from retr.errors import ConfigError
 from retr.models.base import ModelOutput, SequentialRecommender
 from retr.models.layers import (
+    BlockOptions,
     Dropout,
     ItemEmbedding,
     PositionalEmbedding,
     TransformerBlock,
     collect_output,
     init_weights,
+    make_norm,
 )
 from retr.models.pathway import RouterOptions, attention_module
 
@@ -48,6 +50,9 @@ class SASRecConfig:
     attention: str = "self"  # "self" (SASRec) | "pathway" (SASRec + pathway attention)
     # pathway only: the router switches (pathway.py), flat keys of [model] as in RETR
     pathway: RouterOptions = field(default_factory=RouterOptions)
+    # block switches beyond the paper (layers.BlockOptions), flat keys of [model]: layout
+    # ("paper" = the official pre-LN | "prenorm"), norm_type, ffn_type, residual
+    block: BlockOptions = field(default_factory=BlockOptions)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_heads", "num_layers", "max_len"):
@@ -82,9 +87,9 @@ class SASRec(SequentialRecommender):
         self.blocks = nn.ModuleList(
             TransformerBlock(attention_module(d, cfg.num_heads, cfg.dropout, causal=True,
                                               out_proj=False, pathway=pathway),
-                             d, d, cfg.dropout, norm="pre", activation="relu", eps=1e-8)
+                             d, d, cfg.dropout, eps=1e-8, **cfg.block.block_args("pre", "relu"))
             for _ in range(cfg.num_layers))
-        self.final_norm = nn.LayerNorm(d, eps=1e-8)
+        self.final_norm = make_norm(cfg.block.norm_type, d, 1e-8)
         init_weights(self, "xavier")
 
     def forward(self, seqs: torch.Tensor, output_attentions: bool = False,
