@@ -24,6 +24,14 @@ LOSSES = ("bpr", "bce", "ce", "sampled_softmax", "gbce")  # train.loss; retr.tra
 PROTOCOLS = ("full", "sampled")  # eval.protocols; retr.evaluation.protocol
 
 
+def check_choices(obj: object, section: str, choices: dict[str, tuple[str, ...]]) -> None:
+    """Each named field of ``obj`` holds one of its allowed values, or a ConfigError names it."""
+    for name, valid in choices.items():
+        value = getattr(obj, name)
+        if value not in valid:
+            raise ConfigError(f"{section}.{name} must be one of {', '.join(valid)}; got {value!r}")
+
+
 @dataclass
 class DataConfig:
     """Where the interactions come from and how they are preprocessed.
@@ -136,12 +144,9 @@ class TrainConfig:
         if min(self.patience, self.min_epochs, self.weight_decay, self.grad_clip) < 0:
             raise ConfigError("train.patience, train.min_epochs, train.weight_decay and "
                               "train.grad_clip must be >= 0")
-        choices = {"optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "linear", "cosine"),
-                   "negative_sampler": ("uniform", "popularity")}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ConfigError(f"train.{name} must be one of {', '.join(valid)}; "
-                                  f"got {getattr(self, name)!r}")
+        check_choices(self, "train", {"optimizer": ("adam", "adamw"),
+                                      "lr_schedule": ("constant", "linear", "cosine"),
+                                      "negative_sampler": ("uniform", "popularity")})
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retr.config import check_choices
 from retr.errors import ConfigError
 from retr.models.base import ModelOutput
 from retr.models.kernels import (
@@ -185,12 +186,10 @@ class BlockOptions:
     residual: str = "plain"
 
     def __post_init__(self) -> None:
-        choices = {"layout": ("paper", "prenorm"), "norm_type": ("layernorm", "rmsnorm"),
-                   "ffn_type": ("paper", "swiglu"), "residual": ("plain", "gated")}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ConfigError(f"model.{name} must be one of {', '.join(valid)}; "
-                                  f"got {getattr(self, name)!r}")
+        check_choices(self, "model", {"layout": ("paper", "prenorm"),
+                                      "norm_type": ("layernorm", "rmsnorm"),
+                                      "ffn_type": ("paper", "swiglu"),
+                                      "residual": ("plain", "gated")})
 
     def block_args(self, paper_norm: str, paper_activation: str) -> dict[str, Any]:
         """TransformerBlock keyword arguments for a model whose paper block is
