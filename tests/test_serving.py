@@ -430,3 +430,24 @@ def test_export_refuses_random_routes(tmp_path):
     rec = Recommender(model, Vocabulary(users=[], items=[str(i) for i in range(12)]), "retr")
     with pytest.raises(ExportError, match="random"):
         export_onnx(rec, tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("max_len", [300, pytest.param(2048, marks=pytest.mark.slow)])
+def test_long_windows_train_serve_and_export(max_len, tmp_path, capsys):
+    """Windows past the chunked-attention threshold: a RETR run trains, serves, and exports
+    to ONNX with the PyTorch scores (the export takes the explicit attention path)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    long_data = "synthetic:n_users=60,n_items=400,n_themes=10,min_len=10,max_len=400,seed=2"
+    run = tmp_path / "run"
+    argv = ["train", "--data", long_data, "--model", "retr", "--out", str(run), "--quiet"]
+    for s in ["model.hidden_size=8", "model.num_heads=2", f"model.max_len={max_len}",
+              "model.router_hidden=4", "train.epochs=1", "eval.negatives=20"]:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    rec = Recommender.load(run)
+    history = rec.vocab.items[:350]
+    assert len(rec.recommend(history, k=5).items) == 5
+    capsys.readouterr()
+    assert _cli(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert ": ok" in capsys.readouterr().out
