@@ -2,20 +2,26 @@
 
 Usage:
     python benchmarks/bench_ingest.py --rows 20000000 [--users 200000 --items 50000] [--dir /tmp]
-        [--dataframe]
+        [--dataframe] [--json-out benchmarks/results/ingest-20M.json]
 
-Writes a synthetic Parquet log (Zipf-popular items, random timestamps), then times
-`load_dataset` on it (streamed parquet read, 5-core, chronological sort, vocabulary, flat
-storage). ``--dataframe`` instead times the DataFrame path, `read_interactions` then
-`build_dataset`, with the read/preprocess split. Peak RSS is the process maximum, so run one
-mode per process.
+Writes a synthetic Parquet log (Zipf-popular items, random timestamps; in a child process, so
+that writing it does not count), then times `load_dataset` on it (streamed parquet read, 5-core,
+chronological sort, vocabulary, flat storage). ``--dataframe`` instead times the DataFrame path,
+`read_interactions` then `build_dataset`, with the read/preprocess split. Peak RSS is the process
+maximum, so run one mode per process. ``rss_growth_mb`` is the peak minus the resident memory
+before the read (the interpreter, numpy, pandas, pyarrow and torch, which `retr.config` imports),
+and ``growth_over_compact`` divides it by the size of the arrays the dataset keeps.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +37,11 @@ from retr.data.readers import read_interactions
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def write_log(path: Path, rows: int, users: int, items: int, seed: int = 0) -> None:
@@ -60,13 +71,20 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=Path("/tmp"))
     p.add_argument("--dataframe", action="store_true",
                    help="time read_interactions + build_dataset instead of load_dataset")
+    p.add_argument("--json-out", type=Path, help="also write the record to this file")
+    p.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     path = a.dir / f"retr-ingest-{a.rows}.parquet"
-    t0 = time.perf_counter()
-    if not path.exists():
+    if a.generate_only:
         write_log(path, a.rows, a.users, a.items)
+        return
+    t0 = time.perf_counter()
+    if not path.exists():  # in a child process: its memory is not this process's peak
+        subprocess.run([sys.executable, __file__, "--generate-only", "--rows", str(a.rows),
+                        "--users", str(a.users), "--items", str(a.items), "--dir", str(a.dir)],
+                       check=True)
     gen_s = time.perf_counter() - t0
-    rss0 = peak_rss_mb()
+    rss0 = rss_mb()
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
     if a.dataframe:
@@ -81,17 +99,29 @@ def main() -> None:
         ds = load_dataset(DataConfig(source=str(path), min_user_interactions=5,
                                      min_item_interactions=5))
     total_s = time.perf_counter() - t0
-    print(json.dumps({
+    compact = (ds.items.nbytes + ds.offsets.nbytes
+               + (ds.timestamps.nbytes if ds.timestamps is not None else 0)) / 2**20
+    peak = peak_rss_mb()
+    argv = ["python", "benchmarks/bench_ingest.py", *sys.argv[1:]]
+    record = {
         "rows": a.rows, "file_mb": round(path.stat().st_size / 2**20, 1),
         "path": "dataframe" if a.dataframe else "load_dataset (streamed)",
         "generate_seconds": round(gen_s, 1), "total_seconds": round(total_s, 1), **stages,
         "rows_per_second": round(a.rows / total_s),
-        "peak_rss_mb_before_read": round(rss0), "peak_rss_mb": round(peak_rss_mb()),
+        "rss_mb_before_read": round(rss0), "peak_rss_mb": round(peak),
+        "rss_growth_mb": round(peak - rss0),
         "users": ds.n_users, "items": ds.n_items, "interactions": ds.n_interactions,
-        "compact_storage_mb": round((ds.items.nbytes + ds.offsets.nbytes
-                                     + (ds.timestamps.nbytes if ds.timestamps is not None else 0))
-                                    / 2**20, 1),
-    }, indent=2))
+        "compact_storage_mb": round(compact, 1),
+        "growth_over_compact": round((peak - rss0) / compact, 2),
+        "threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "command": " ".join(argv),
+    }
+    text = json.dumps(record, indent=2)
+    print(text)
+    if a.json_out is not None:
+        a.json_out.parent.mkdir(parents=True, exist_ok=True)
+        a.json_out.write_text(text + "\n")
 
 
 if __name__ == "__main__":
