@@ -376,3 +376,20 @@ def test_input_over_the_read_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("RETR_MAX_INPUT_BYTES", "lots")
     code, _, err = run_cli(["data", "describe", str(plain)], capsys)
     assert code == 2 and "$RETR_MAX_INPUT_BYTES must be a number of bytes" in one_error_line(err)
+
+
+def test_history_files_are_bounded_too(pop_run: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`retr recommend --input` hands files to pandas: the same checks run before it does."""
+    import gzip
+
+    packed = tmp_path / "histories.csv.gz"
+    packed.write_bytes(gzip.compress(b"user,item\n" + b"u1,1\n" * 50_000))
+    monkeypatch.setenv("RETR_MAX_INPUT_BYTES", "100000")
+    code, _, err = run_cli(["recommend", str(pop_run), "--input", str(packed)], capsys)
+    assert code == 2
+    assert "histories.csv.gz: decompresses to more than 100,000 bytes" in one_error_line(err)
+    code, _, err = run_cli(["recommend", str(pop_run), "--input", "/dev/zero", "--input-format",
+                            "csv"], capsys)
+    assert code == 2 and "/dev/zero: not a regular file" in one_error_line(err)

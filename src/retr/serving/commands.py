@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retr.data.readers import iter_json_objects
+from retr.data.readers import check_input_size, iter_json_objects
 from retr.errors import ConfigError, DataError
 from retr.limits import json_loads
 
@@ -208,8 +208,9 @@ def _format_of(path: str, fmt: str | None) -> str:
 def _read_frame(path: str, fmt: str) -> pd.DataFrame:
     import pandas as pd
 
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise DataError(f"{path}: no such file")
+    check_input_size(path)  # a regular file, not over the input limit once decompressed
     try:
         if fmt in ("csv", "tsv"):
             return pd.read_csv(path, sep="," if fmt == "csv" else "\t", dtype=str,
