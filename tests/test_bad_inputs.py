@@ -325,6 +325,7 @@ def test_device_as_data_source(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 _PEAK = """
 import resource, sys
+import retr.data.load  # the libraries (numpy, pandas, torch) are loaded before measuring
 from retr.cli import main
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 code = main(["data", "describe", sys.argv[1]])
@@ -341,7 +342,9 @@ print(code, grew // 1024)
 ])
 def test_gzip_bombs_stop_early_in_bounded_memory(tmp_path: Path, what: str, head: bytes,
                                                  block: bytes, total: int, needle: str) -> None:
-    """A .gz of under 1 MB inflating to 256 MiB is refused after about 64 MiB, not read whole."""
+    """A .gz of under 1 MB inflating to 256 MiB is refused after about 64 MiB, not read whole.
+
+    The peak growth is measured in a fresh process, after the libraries are loaded."""
     import subprocess
     import sys
 
@@ -352,7 +355,7 @@ def test_gzip_bombs_stop_early_in_bounded_memory(tmp_path: Path, what: str, head
                           text=True, timeout=300)
     code, grew_mb = (int(x) for x in proc.stdout.split())
     assert code == 2 and needle in one_error_line(proc.stderr), proc.stderr
-    assert grew_mb < 300, f"{what}: peak memory grew by {grew_mb} MB"
+    assert grew_mb < 200, f"{what}: peak memory grew by {grew_mb} MB"  # was 2.4 GB for 1 GiB
 
 
 def test_input_over_the_read_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
