@@ -144,6 +144,11 @@ CASES: list[tuple[str, list[str], int, str]] = [
                                       "{f}random_bytes.bin"], 2, "cannot tell the format"),
     ("--output without --input", ["recommend", "{run}", "--history", "1", "--output",
                                   "{tmp}x.csv"], 2, "--output goes with --input"),
+    # serve
+    ("serve --read-timeout 0", ["serve", "{run}", "--read-timeout", "0"], 2,
+     "--read-timeout must be > 0 seconds, got 0.0"),
+    ("serve --max-idle 0", ["serve", "{run}", "--max-idle", "0"], 2,
+     "--max-idle must be >= 1, got 0"),
     # run directories
     ("no such run", ["evaluate", "{tmp}missing"], 2, "no such run directory"),
     ("empty run dir", ["recommend", "{tmp}", "--history", "1"], 2,
