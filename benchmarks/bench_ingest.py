@@ -2,11 +2,12 @@
 
 Usage:
     python benchmarks/bench_ingest.py --rows 20000000 [--users 200000 --items 50000] [--dir /tmp]
-        [--dataframe] [--json-out benchmarks/results/ingest-20M.json]
+        [--csv] [--dataframe] [--json-out benchmarks/results/ingest-20M.json]
 
 Writes a synthetic Parquet log (Zipf-popular items, random timestamps; in a child process, so
 that writing it does not count), then times `load_dataset` on it (streamed parquet read, 5-core,
-chronological sort, vocabulary, flat storage). ``--dataframe`` instead times the DataFrame path,
+chronological sort, vocabulary, flat storage). ``--csv`` writes and reads the same log as a CSV
+file (streamed by Arrow's CSV reader). ``--dataframe`` instead times the DataFrame path,
 `read_interactions` then `build_dataset`, with the read/preprocess split. Peak RSS is the process
 maximum, so run one mode per process. ``rss_growth_mb`` is the peak minus the resident memory
 before the read (the interpreter, numpy, pandas, pyarrow and torch, which `retr.config` imports),
@@ -63,6 +64,20 @@ def write_log(path: Path, rows: int, users: int, items: int, seed: int = 0) -> N
         writer.close()
 
 
+def write_csv_log(path: Path, rows: int, users: int, items: int) -> None:
+    """The same log as CSV (no quotes), written batch by batch from the Parquet one."""
+    import pyarrow.csv as pcsv
+
+    parquet = path.with_suffix(".parquet")
+    if not parquet.exists():
+        write_log(parquet, rows, users, items)
+    with path.open("wb") as fh:
+        fh.write(b"user_id,item_id,timestamp\n")
+        options = pcsv.WriteOptions(include_header=False, quoting_style="none")
+        for batch in pq.ParquetFile(str(parquet)).iter_batches(batch_size=2_000_000):
+            pcsv.write_csv(batch, fh, write_options=options)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=20_000_000)
@@ -71,18 +86,19 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=Path("/tmp"))
     p.add_argument("--dataframe", action="store_true",
                    help="time read_interactions + build_dataset instead of load_dataset")
+    p.add_argument("--csv", action="store_true", help="read the log as CSV instead of Parquet")
     p.add_argument("--json-out", type=Path, help="also write the record to this file")
     p.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
-    path = a.dir / f"retr-ingest-{a.rows}.parquet"
+    path = a.dir / f"retr-ingest-{a.rows}.{'csv' if a.csv else 'parquet'}"
     if a.generate_only:
-        write_log(path, a.rows, a.users, a.items)
+        (write_csv_log if a.csv else write_log)(path, a.rows, a.users, a.items)
         return
     t0 = time.perf_counter()
     if not path.exists():  # in a child process: its memory is not this process's peak
         subprocess.run([sys.executable, __file__, "--generate-only", "--rows", str(a.rows),
-                        "--users", str(a.users), "--items", str(a.items), "--dir", str(a.dir)],
-                       check=True)
+                        "--users", str(a.users), "--items", str(a.items), "--dir", str(a.dir),
+                        *(["--csv"] if a.csv else [])], check=True)
     gen_s = time.perf_counter() - t0
     rss0 = rss_mb()
     stages: dict[str, float] = {}
@@ -105,6 +121,7 @@ def main() -> None:
     argv = ["python", "benchmarks/bench_ingest.py", *sys.argv[1:]]
     record = {
         "rows": a.rows, "file_mb": round(path.stat().st_size / 2**20, 1),
+        "format": "csv" if a.csv else "parquet",
         "path": "dataframe" if a.dataframe else "load_dataset (streamed)",
         "generate_seconds": round(gen_s, 1), "total_seconds": round(total_s, 1), **stages,
         "rows_per_second": round(a.rows / total_s),

@@ -367,17 +367,22 @@ def test_input_over_the_read_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                                    capsys: pytest.CaptureFixture[str]) -> None:
     import gzip
 
-    rows = "user_id,item_id\n" + "".join(f"u{i % 97},i{i % 89}\n" for i in range(20_000))
-    plain, packed = tmp_path / "log.csv", tmp_path / "log.csv.gz"
+    rows = "".join(f'{{"user_id": "u{i % 97}", "item_id": "i{i % 89}"}}\n' for i in range(20_000))
+    plain, packed = tmp_path / "log.jsonl", tmp_path / "log.jsonl.gz"
     plain.write_text(rows)
     packed.write_bytes(gzip.compress(rows.encode()))
     monkeypatch.setenv("RETR_MAX_INPUT_BYTES", "100000")
     code, _, err = run_cli(["data", "describe", str(plain)], capsys)
     assert code == 2
-    assert f"log.csv: is {len(rows):,} bytes, over the 100,000-byte limit" in one_error_line(err)
+    assert f"log.jsonl: is {len(rows):,} bytes, over the 100,000-byte limit" in \
+        one_error_line(err)
     code, _, err = run_cli(["data", "describe", str(packed)], capsys)
     assert code == 2
-    assert "log.csv.gz: decompresses to more than 100,000 bytes" in one_error_line(err)
+    assert "log.jsonl.gz: decompresses to more than 100,000 bytes" in one_error_line(err)
+    csv = tmp_path / "log.csv"  # streamed: its memory follows the rows, not the text
+    csv.write_text("user_id,item_id\n" + "".join(f"u{i % 97},i{i % 89}\n" for i in range(20_000)))
+    code, out, err = run_cli(["data", "describe", str(csv), "--no-filter", "--json"], capsys)
+    assert code == 0 and '"interactions": 20000' in out, err
     monkeypatch.setenv("RETR_MAX_INPUT_BYTES", str(len(rows)))
     code, out, err = run_cli(["data", "describe", str(packed), "--no-filter", "--json"], capsys)
     assert code == 0 and '"interactions": 20000' in out, err

@@ -233,13 +233,17 @@ def _inflate(path: Path, fh: BinaryIO, cap: int) -> Iterator[bytes]:
             total += len(chunk)
             if total > cap:
                 raise _too_big(path, f"decompresses to more than {cap:,} bytes", cap)
-            if total > RATIO_CHECK_AFTER and total > MAX_COMPRESSION_RATIO * fh.tell():
-                raise DataError(
-                    f"{path}: gzip data inflates more than {MAX_COMPRESSION_RATIO} times "
-                    f"({fh.tell():,} bytes became {total:,} and counting), which no "
-                    "interaction log does; it looks like a decompression bomb. "
-                    "Decompress it yourself if it is genuine")
+            check_inflation(path, fh.tell(), total)
             yield chunk
+
+
+def check_inflation(path: Path, compressed: int, inflated: int) -> None:
+    """Refuse gzip data that inflates like a bomb (see :mod:`retr.limits`)."""
+    if inflated > RATIO_CHECK_AFTER and inflated > MAX_COMPRESSION_RATIO * compressed:
+        raise DataError(f"{path}: gzip data inflates more than {MAX_COMPRESSION_RATIO} times "
+                        f"({compressed:,} bytes became {inflated:,} and counting), which no "
+                        "interaction log does; it looks like a decompression bomb. "
+                        "Decompress it yourself if it is genuine")
 
 
 def check_input_size(path: str | Path) -> Path:
