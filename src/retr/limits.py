@@ -10,6 +10,8 @@ README's reliability section lists them:
   (``max_len``) of at most :data:`MAX_LEN`, and the estimated weights (4 bytes a parameter,
   :func:`estimate_parameters`) must fit in the memory available, all checked before a tensor is
   allocated (:func:`check_model_size`);
+* a streamed log (Parquet, csv / tsv) may have at most available memory / 40 rows
+  (:func:`check_rows`);
 * an interaction file read whole (every format but the streamed Parquet path) may hold, after
   decompression, at most :func:`max_input_bytes`: 1/:data:`READ_MEMORY_FACTOR` of the memory
   available (reading a CSV into a DataFrame peaked at 15-20 bytes per byte of text: 1.45 GB for

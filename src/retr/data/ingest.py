@@ -1,4 +1,4 @@
-"""Parquet interaction logs -> integer-coded columns, streamed in bounded memory.
+"""Parquet and csv / tsv interaction logs -> integer-coded columns, streamed in bounded memory.
 
 :func:`read_parquet_codes` reads the file record batch by record batch and keeps only numpy
 arrays: user and item ids become int32/int64 codes against vocabularies grown batch by batch (in
@@ -6,6 +6,8 @@ order of first appearance), timestamps and ratings become float64. Column names,
 value conversion and error messages are those of :func:`retr.data.readers.read_interactions`
 for parquet, so :func:`build_dataset_from_codes` gives exactly the dataset that
 ``build_dataset(read_interactions(path), ...)`` gives, without a DataFrame of strings.
+:func:`read_delimited_codes` does the same for csv / tsv files with Arrow's CSV reader, for the
+files on which it is certain to agree with the DataFrame reader (it returns None for the rest).
 """
 
 from __future__ import annotations
