@@ -179,3 +179,130 @@ def test_load_dataset_streams_parquet(tmp_path: Path, monkeypatch: pytest.Monkey
                                   min_item_interactions=2))
     assert_same(expected, got)
     assert got.name == expected.name
+
+
+# --- delimited text streamed with Arrow's CSV reader -----------------------------------------
+
+def _csv_text(rows: int, seed: int, *, sep: str = ",", header: bool = True, time: str = "int",
+              rating: bool = False) -> str:
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, max(2, rows // 8), rows)
+    items = (rng.zipf(1.5, rows) - 1) % max(2, rows // 5)
+    names = ["user_id", "item_id"] + (["timestamp"] if time else []) + (["rating"] if rating
+                                                                          else [])
+    lines = [sep.join(names)] if header else []
+    for r in range(rows):
+        cells = [f"u{users[r]}", str(items[r])]
+        if time == "int":
+            cells.append(str(int(rng.integers(0, 40))))
+        elif time == "float":
+            cells.append(f"{rng.integers(0, 40) / 4:g}")
+        elif time == "iso":
+            cells.append(f"2020-01-{1 + int(rng.integers(0, 9)):02d}T10:00:00")
+        if rating:
+            cells.append(f"{int(rng.integers(1, 6))}.0")
+        lines.append(sep.join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def _check_delimited(path: Path, fmt: str, prep: Preprocessing,
+                     columns: ColumnMap | None = None) -> None:
+    from retr.data.ingest import read_delimited_codes
+
+    codes = read_delimited_codes(path, fmt, columns, block_bytes=1 << 10)  # many blocks
+    assert codes is not None, "the streamed reader should take this file"
+    expected = build_dataset(read_interactions(path, fmt=fmt, columns=columns), prep, name="x",
+                             source="s")
+    assert_same(expected, build_dataset_from_codes(codes, prep, name="x", source="s"))
+
+
+@pytest.mark.parametrize("fmt, sep, header, time, rating", [
+    ("csv", ",", True, "int", False), ("csv", ",", True, "float", True),
+    ("csv", ",", True, "iso", False), ("csv", ",", True, "", True),
+    ("tsv", "\t", True, "int", True), ("rechorus", "\t", True, "int", False),
+])
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+def test_streamed_delimited_equals_dataframe_path(tmp_path: Path, fmt: str, sep: str,
+                                                  header: bool, time: str, rating: bool,
+                                                  gz: bool) -> None:
+    text = _csv_text(700, 3, sep=sep, header=header, time=time, rating=rating)
+    if fmt == "rechorus":
+        text = text.replace("timestamp", "time", 1)
+    path = tmp_path / ("log.txt.gz" if gz else "log.txt")
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    for prep in (NO_PREPROCESSING, Preprocessing(2, 2)):
+        _check_delimited(path, fmt, prep)
+
+
+def test_streamed_delimited_positions_crlf_blank_lines(tmp_path: Path) -> None:
+    body = _csv_text(300, 4, header=False).replace("\n", "\r\n")
+    lines = body.split("\r\n")
+    lines.insert(50, "")  # a blank line in the middle
+    path = tmp_path / "log.csv"
+    path.write_text("\r\n".join(lines).rstrip("\r\n"))  # and no newline at the end
+    columns = ColumnMap(user="1", item="0", timestamp="2")
+    _check_delimited(path, "csv-noheader", NO_PREPROCESSING, columns)
+    _check_delimited(path, "csv-noheader", Preprocessing(2, 2), columns)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("quoted", 'user_id,item_id\n"u1",a\nu2,b\n'),
+    ("leading space", "user_id,item_id\nu1, a\nu2,b\n"),
+    ("BOM", "\ufeffuser_id,item_id\nu1,a\nu2,b\n"),
+    ("lone carriage return", "user_id,item_id\nu1,a\ru3,c\nu2,b\n"),
+    ("blank first line", "\nuser_id,item_id\nu1,a\n"),
+    ("a field beyond the header's", "user_id,item_id\nu1,a,9\nu2,b\n"),
+    ("whitespace-only line", "user_id,item_id\nu1,a\n  \nu2,b\n"),
+])
+def test_streamed_delimited_leaves_the_unusual_to_the_dataframe_path(
+        tmp_path: Path, name: str, text: str) -> None:
+    from retr.data.ingest import read_delimited_codes
+
+    path = tmp_path / "log.csv"
+    path.write_text(text)
+    assert read_delimited_codes(path, "csv") is None
+    cfg = DataConfig(source=str(path), min_user_interactions=0, min_item_interactions=0)
+    try:
+        expected = build_dataset(read_interactions(path), NO_PREPROCESSING, name=path.name,
+                                 source=str(path))
+    except DataError as e:
+        with pytest.raises(DataError) as got:
+            load_dataset(cfg)
+        assert str(got.value) == str(e)
+    else:
+        assert_same(expected, load_dataset(cfg))
+
+
+@pytest.mark.parametrize("text, line", [
+    ("user_id,item_id,timestamp\nu1,a,1\nu2,,2\nu3,c,3\n", "log.csv:3: column 'item_id' is empty"),
+    ("user_id,item_id,timestamp\nu1,a,1\nu2,b\nu3,c,3\n", "log.csv:3: column 'timestamp'"),
+    ("user_id,item_id,timestamp\nu1,a,1\nu2,b,soon\n", "log.csv:3: column 'timestamp': cannot "
+                                                       "parse timestamp 'soon'"),
+    ("user_id,item_id\nu1,a\n\xe9,b\n", "log.csv:3: bytes are not valid UTF-8"),
+])
+def test_streamed_delimited_errors_are_the_dataframe_path_errors(tmp_path: Path, text: str,
+                                                                 line: str) -> None:
+    path = tmp_path / "log.csv"
+    path.write_bytes(text.encode("latin-1"))
+    cfg = DataConfig(source=str(path), min_user_interactions=0, min_item_interactions=0)
+    with pytest.raises(DataError) as got:
+        load_dataset(cfg)
+    assert line in str(got.value)
+    with pytest.raises(DataError) as want:
+        read_interactions(path)
+    assert str(got.value) == str(want.value)
+
+
+def test_number_like_ids_switching_to_text_keep_every_id_distinct(tmp_path: Path) -> None:
+    """Blocks of canonical integers are coded as numbers until a block holds text ("007",
+    "x", "+7"); the ids already seen are then turned into text, so "7" stays one id."""
+    rows = ["user_id,item_id"]
+    rows += [f"u{i % 7},{i % 13}" for i in range(400)]
+    rows += ["u1,007", "u2,x", "u3,+7", "u4,7", "u5,-0", "u6,0"]
+    rows += [f"u{i % 7},{i % 5}" for i in range(400)]
+    path = tmp_path / "log.csv"
+    path.write_text("\n".join(rows) + "\n")
+    _check_delimited(path, "csv", NO_PREPROCESSING)
+    table = pa.table({"user_id": [r.split(",")[0] for r in rows[1:]],
+                      "item_id": [r.split(",")[1] for r in rows[1:]]})
+    check(write(table, tmp_path / "log.parquet"), NO_PREPROCESSING)

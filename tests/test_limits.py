@@ -90,3 +90,13 @@ def test_build_model_checks_before_allocating() -> None:
     cfg = config_class("gru4rec")(num_layers=10**6)
     with pytest.raises(ConfigError, match="model.num_layers = 1,000,000"):
         build_model("gru4rec", 10, cfg)
+
+
+def test_streamed_logs_must_fit_in_memory() -> None:
+    from retr.errors import DataError
+    from retr.limits import check_rows
+
+    check_rows(10**8, "log.parquet", memory_bytes=8 * 2**30)  # 4 GB needed: fits
+    with pytest.raises(DataError, match=r"log.parquet: 1,000,000,000 rows need about 37.3 GiB "
+                                        r"to read \(40 bytes a row\), more than the 8.0 GiB"):
+        check_rows(10**9, "log.parquet", memory_bytes=8 * 2**30)

@@ -10,6 +10,8 @@ README's reliability section lists them:
   (``max_len``) of at most :data:`MAX_LEN`, and the estimated weights (4 bytes a parameter,
   :func:`estimate_parameters`) must fit in the memory available, all checked before a tensor is
   allocated (:func:`check_model_size`);
+* a streamed log (Parquet, csv / tsv) may have at most available memory / 40 rows
+  (:func:`check_rows`);
 * an interaction file read whole (every format but the streamed Parquet path) may hold, after
   decompression, at most :func:`max_input_bytes`: 1/:data:`READ_MEMORY_FACTOR` of the memory
   available (reading a CSV into a DataFrame peaked at 15-20 bytes per byte of text: 1.45 GB for
@@ -28,7 +30,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from retr.errors import ConfigError
+from retr.errors import ConfigError, DataError
 
 MAX_JSON_DEPTH = 64
 MAX_WIDTH = 65_536
@@ -36,6 +38,7 @@ MAX_LAYERS = 256
 MAX_LEN = 65_536
 MAX_INPUT_BYTES = 64 * 2**30
 READ_MEMORY_FACTOR = 24
+STREAMED_BYTES_PER_ROW = 40
 MAX_COMPRESSION_RATIO = 100
 RATIO_CHECK_AFTER = 64 * 2**20
 INPUT_LIMIT_ENV = "RETR_MAX_INPUT_BYTES"
@@ -165,6 +168,18 @@ def max_input_bytes() -> int:
         return value
     have = available_memory_bytes()
     return MAX_INPUT_BYTES if have is None else min(MAX_INPUT_BYTES, have // READ_MEMORY_FACTOR)
+
+
+def check_rows(rows: int, where: str, memory_bytes: int | None = None) -> None:
+    """Refuse a streamed log (Parquet, csv/tsv) whose rows cannot fit: reading one peaks near
+    two times the 16 bytes per row the dataset keeps, so :data:`STREAMED_BYTES_PER_ROW` a row
+    must fit in the memory available."""
+    have = available_memory_bytes() if memory_bytes is None else memory_bytes
+    need = rows * STREAMED_BYTES_PER_ROW
+    if have is not None and need > have:
+        raise DataError(f"{where}: {rows:,} rows need about {_gib(need)} to read "
+                        f"({STREAMED_BYTES_PER_ROW} bytes a row), more than the {_gib(have)} of "
+                        "memory available; read it on a larger machine or split it")
 
 
 def check_model_size(model_name: str, n_items: int, fields: Mapping[str, Any],

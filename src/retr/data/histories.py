@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from retr.data.readers import iter_json_objects
+from retr.data.readers import check_input_size, iter_json_objects
 from retr.errors import DataError
 from retr.limits import json_loads
 
@@ -42,8 +42,9 @@ def file_format(path: str, fmt: str | None) -> str:
 
 
 def _read_frame(path: str, fmt: str) -> pd.DataFrame:
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise DataError(f"{path}: no such file")
+    check_input_size(path)  # a regular file, not over the input limit once decompressed
     try:
         if fmt in ("csv", "tsv"):
             return pd.read_csv(path, sep="," if fmt == "csv" else "\t", dtype=str,

@@ -1,4 +1,4 @@
-"""Parquet interaction logs -> integer-coded columns, streamed in bounded memory.
+"""Parquet and csv / tsv interaction logs -> integer-coded columns, streamed in bounded memory.
 
 :func:`read_parquet_codes` reads the file record batch by record batch and keeps only numpy
 arrays: user and item ids become int32/int64 codes against vocabularies grown batch by batch (in
@@ -6,10 +6,13 @@ order of first appearance), timestamps and ratings become float64. Column names,
 value conversion and error messages are those of :func:`retr.data.readers.read_interactions`
 for parquet, so :func:`build_dataset_from_codes` gives exactly the dataset that
 ``build_dataset(read_interactions(path), ...)`` gives, without a DataFrame of strings.
+:func:`read_delimited_codes` does the same for csv / tsv files with Arrow's CSV reader, for the
+files on which it is certain to agree with the DataFrame reader (it returns None for the rest).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from retr.data.dataset import SequenceDataset
-from retr.data.preprocess import Preprocessing, build_dataset_from_arrays
+from retr.data.preprocess import Preprocessing, build_dataset_from_rows
 from retr.data.readers import (
     _GZIP_MAGIC,
     ColumnMap,
@@ -27,6 +30,7 @@ from retr.data.readers import (
     _empty,
     _epoch_seconds,
     _existing_file,
+    _looks_like_header,
     _one_line,
     _parquet_ids,
     _read_bytes,
@@ -34,8 +38,10 @@ from retr.data.readers import (
     _Source,
     _to_float,
     arrow_ids,
+    check_inflation,
 )
 from retr.errors import DataError
+from retr.limits import check_rows
 
 BATCH_ROWS = 1 << 20
 
@@ -75,10 +81,14 @@ def read_parquet_codes(path: str | Path, columns: ColumnMap | None = None,
     n = pf.metadata.num_rows
     if n == 0:
         raise _empty(src, "it has no rows")
+    check_rows(n, str(src))
     try:
         return _stream(pf, src, names, roles, n, batch_size)
     except (pa.ArrowException, OSError) as e:  # a damaged page or row group further in
         raise _unreadable(src, e) from None
+    finally:  # Arrow's allocator keeps freed batches (130 MB after 20M rows); return them now
+        del pf
+        pa.default_memory_pool().release_unused()
 
 
 def _stream(pf: Any, src: _Source, names: list[str], roles: dict[str, int], n: int,
@@ -111,10 +121,17 @@ def _stream(pf: Any, src: _Source, names: list[str], roles: dict[str, int], n: i
 
 def build_dataset_from_codes(codes: Codes, prep: Preprocessing,
                              name: str = "dataset", source: str = "input") -> SequenceDataset:
-    """Filter, sort and index coded rows exactly like :func:`~retr.data.preprocess.build_dataset`."""
-    return build_dataset_from_arrays(codes.users, codes.items, codes.user_ids, codes.item_ids,
-                                     codes.timestamps, codes.ratings, prep, name=name,
-                                     source=source)
+    """Filter, sort and index coded rows exactly like :func:`~retr.data.preprocess.build_dataset`.
+
+    The row arrays are taken out of ``codes`` (left empty), so each is freed as soon as its
+    filtered or sorted successor exists.
+    """
+    rows: dict[str, np.ndarray | None] = {"users": codes.users, "items": codes.items,
+                                          "ts": codes.timestamps, "ratings": codes.ratings}
+    codes.users = codes.items = np.empty(0, dtype=np.int32)
+    codes.timestamps = codes.ratings = None
+    return build_dataset_from_rows(rows, codes.user_ids, codes.item_ids, prep, name=name,
+                                   source=source)
 
 
 def _unreadable(src: _Source, error: BaseException) -> DataError:
@@ -140,6 +157,23 @@ def _whole_floats(pf: Any, name: str, batch_size: int) -> bool:
     return True
 
 
+def _canonical_ints(array: Any) -> np.ndarray | None:
+    """The ids as int64 when every one is an integer written canonically ("17", not "017" or
+    "+17"), so that ``str()`` of the number is the id; else None."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if array.null_count:
+        return None
+    try:
+        ints = pc.cast(array, pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if not pc.all(pc.equal(pc.cast(ints, array.type), array)).as_py():
+        return None
+    return np.asarray(ints.to_numpy(zero_copy_only=False))
+
+
 class _Ids:
     """One id column: global codes in first-appearance order, or the first missing id."""
 
@@ -149,6 +183,7 @@ class _Ids:
         self.codes: np.ndarray = np.empty(n, dtype=dtype)
         self.index: pd.Index | None = None
         self.error: DataError | None = None
+        self.numbers = True  # text ids so far were all canonical integers, indexed as numbers
 
     def add(self, array: Any, start: int) -> None:
         import pyarrow as pa
@@ -160,7 +195,13 @@ class _Ids:
         kind = array.type
         if pa.types.is_integer(kind) and array.null_count == 0:
             codes, uniques = pd.factorize(array.to_numpy(), sort=False)  # str() of each is its id
+        elif (pa.types.is_string(kind) or pa.types.is_large_string(kind)) and \
+                self.numbers and (ints := _canonical_ints(array)) is not None:
+            codes, uniques = pd.factorize(ints, sort=False)  # "17" kept as 17: str() gives it back
         elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            if self.numbers and self.index is not None:  # earlier blocks held only numbers
+                self.index = pd.Index([str(x) for x in self.index], dtype=object)
+            self.numbers = False
             encoded = pc.dictionary_encode(array)
             words = encoded.dictionary.to_numpy(zero_copy_only=False)
             if array.null_count or not np.all(words != ""):
@@ -269,3 +310,152 @@ class _Floats:
         if self.error is not None:
             raise self.error
         return self.values
+
+
+# --- delimited text (csv, tsv, rechorus) --------------------------------------------------------
+
+# format -> (separator, header: True / False / None = decide from the first row, quoted fields)
+DELIMITED: dict[str, tuple[str, bool | None, bool]] = {
+    "csv": (",", None, True), "csv-noheader": (",", False, True),
+    "tsv": ("\t", None, False), "rechorus": ("\t", True, False),
+}
+_SCAN_BYTES = 1 << 22
+
+
+def read_delimited_codes(path: str | Path, fmt: str, columns: ColumnMap | None = None,
+                         block_bytes: int = 1 << 20) -> Codes | None:
+    """Stream a csv / tsv log into :class:`Codes` with Arrow's CSV reader, or None.
+
+    None means "read it with :func:`retr.data.readers.read_interactions`": the streamed reader
+    takes only the files on which it gives exactly what that reader gives (header on the first
+    line, no quote characters, no stray carriage returns, no field starting with a space in a
+    csv, every row complete), and leaves every error to it, so messages (with line numbers) stay
+    the same. Memory: the row count is taken first (one pass counting newlines), so the codes
+    are allocated once; Arrow holds one block of text at a time.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+
+    sep, header_rule, quoted = DELIMITED[fmt]
+    columns = columns or ColumnMap()
+    try:
+        p = _existing_file(path)
+        head, gz = _read_bytes(p, limit=1 << 16)
+        first = _first_line(head)
+        if first is None:
+            return None
+        fields = first.split(sep)
+        header = header_rule if header_rule is not None else _looks_like_header(fields, columns)
+        names = [f.strip() for f in fields] if header else [str(i) for i in range(len(fields))]
+        src = _Source(p, b"", gz)
+        roles = _resolve(src, names, columns, header=header, positional=True)
+        lines = _count_plain_lines(p, gz)
+    except (DataError, OSError, EOFError, zlib.error):  # the DataFrame reader names them
+        return None
+    if lines is None:
+        return None
+    n = max(lines - (1 if header else 0), 0)
+    if n == 0:
+        return None
+    check_rows(n, str(p))
+    used = sorted(set(roles.values()))
+    read = pcsv.ReadOptions(column_names=[str(i) for i in range(len(names))],
+                            skip_rows=1 if header else 0, block_size=block_bytes,
+                            use_threads=False)
+    parse = pcsv.ParseOptions(delimiter=sep, quote_char=False, newlines_in_values=False,
+                              ignore_empty_lines=True)
+    convert = pcsv.ConvertOptions(column_types={str(i): pa.string() for i in used},
+                                  include_columns=[str(i) for i in used], null_values=[],
+                                  strings_can_be_null=False, quoted_strings_can_be_null=False)
+    code_dtype = np.int32 if n < 2**31 else np.int64
+    ids = {role: _Ids(src, role, names[roles[role]], n, code_dtype, False)
+           for role in ("user", "item")}
+    floats = {role: _Floats(src, role, names[roles[role]], n)
+              for role in ("timestamp", "rating") if role in roles}
+    start = 0
+    stream = pa.CompressedInputStream(pa.OSFile(str(p)), "gzip") if gz else pa.OSFile(str(p))
+    reader = batch = None
+    try:
+        reader = pcsv.open_csv(stream, read_options=read, parse_options=parse,
+                               convert_options=convert)
+        for batch in reader:
+            if batch.num_rows == 0:
+                continue
+            if start + batch.num_rows > n:
+                return None
+            for index in roles.values():
+                column = batch.column(str(index))
+                if sep == "," and pc.any(pc.starts_with(column, " ")).as_py():
+                    return None  # the csv reader skips spaces after a comma
+            for col in ids.values():
+                col.add(batch.column(str(roles[col.role])), start)
+                if col.error is not None:
+                    return None
+            for fcol in floats.values():
+                fcol.add(_numbers_or_text(batch.column(str(roles[fcol.role]))), start)
+                if fcol.error is not None:
+                    return None
+            start += batch.num_rows
+        ts = floats["timestamp"].finish()[:start] if "timestamp" in floats else None
+        ratings = floats["rating"].finish()[:start] if "rating" in floats else None
+    except (pa.ArrowException, OSError, DataError, EOFError):
+        return None
+    finally:  # drop Arrow's buffers, then hand its retained memory back
+        reader = batch = None
+        stream.close()
+        pa.default_memory_pool().release_unused()
+    if start == 0:
+        return None
+    return Codes(users=ids["user"].codes[:start], items=ids["item"].codes[:start],
+                 user_ids=ids["user"].uniques(), item_ids=ids["item"].uniques(),
+                 timestamps=ts, ratings=ratings)
+
+
+def _numbers_or_text(column: Any) -> pd.Series:
+    """A text column as float64 when Arrow parses every value as a finite number (the common
+    case, without a Python string per value), else as the text for ``_Floats`` to judge."""
+    import pyarrow as pa
+
+    try:
+        numbers = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return column.to_pandas()
+    if not np.isfinite(numbers).all():
+        return column.to_pandas()
+    return pd.Series(numbers)
+
+
+def _first_line(head: bytes) -> str | None:
+    """The first line when it is a plain one: at the file's start, complete, UTF-8, no BOM."""
+    end = head.find(b"\n")
+    if end < 0 or head.startswith(b"\xef\xbb\xbf"):
+        return None
+    try:
+        line = head[:end].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return line if line.strip() else None
+
+
+def _count_plain_lines(path: Path, gz: bool) -> int | None:
+    """Lines of the (decompressed) file, or None when it holds a quote or a lone carriage return
+    (cases left to the DataFrame reader)."""
+    import gzip
+
+    lines = inflated = 0
+    last = b""
+    with path.open("rb") as raw:
+        fh = gzip.GzipFile(fileobj=raw) if gz else raw
+        while block := fh.read(_SCAN_BYTES):
+            if gz:
+                check_inflation(path, raw.tell(), inflated := inflated + len(block))
+            if b'"' in block or block.count(b"\r") != block.count(b"\r\n") + block.endswith(b"\r"):
+                return None
+            if last.endswith(b"\r") and not block.startswith(b"\n"):
+                return None
+            lines += block.count(b"\n")
+            last = block
+    if last and not last.endswith(b"\n"):
+        lines += 1
+    return lines

@@ -10,7 +10,12 @@ import pandas as pd
 from retr.config import DataConfig
 from retr.data import registry, synthetic
 from retr.data.dataset import SequenceDataset
-from retr.data.ingest import build_dataset_from_codes, read_parquet_codes
+from retr.data.ingest import (
+    DELIMITED,
+    build_dataset_from_codes,
+    read_delimited_codes,
+    read_parquet_codes,
+)
 from retr.data.multidomain import domain_config, domain_labels, side_by_side
 from retr.data.preprocess import Preprocessing, build_dataset
 from retr.data.readers import ColumnMap, detect_format, read_interactions
@@ -53,6 +58,12 @@ def column_map(cfg: DataConfig) -> ColumnMap:
 
 def parquet_file(cfg: DataConfig) -> Path | None:
     """The source as a path when it is a parquet file (given or detected), else None."""
+    found = _file_format(cfg)
+    return found[0] if found is not None and found[1] == "parquet" else None
+
+
+def _file_format(cfg: DataConfig) -> tuple[Path, str] | None:
+    """The source as a path and its format (given or detected) when it is a file, else None."""
     source = cfg.source
     if source == "synthetic" or source.startswith("synthetic:") or registry.is_registered(source):
         return None
@@ -60,10 +71,9 @@ def parquet_file(cfg: DataConfig) -> Path | None:
     if not path.is_file():
         return None
     try:
-        fmt = cfg.format if cfg.format is not None else detect_format(path)
+        return path, (cfg.format if cfg.format is not None else detect_format(path))
     except DataError:  # read_log reports it
         return None
-    return path if fmt == "parquet" else None
 
 
 def load_dataset(cfg: DataConfig) -> SequenceDataset:
@@ -71,11 +81,14 @@ def load_dataset(cfg: DataConfig) -> SequenceDataset:
     if cfg.domains:
         labels = domain_labels(cfg)  # checked before any domain is read
         return side_by_side(labels, [load_dataset(domain_config(cfg, s)) for s in cfg.domains])
-    path = parquet_file(cfg)
-    if path is not None:  # streamed: never holds the ids as a DataFrame of strings
-        codes = read_parquet_codes(path, column_map(cfg))
-        return build_dataset_from_codes(codes, preprocessing_of(cfg), name=path.name,
-                                        source=cfg.source)
+    found = _file_format(cfg)
+    if found is not None:  # streamed: never holds the ids as a DataFrame of strings
+        path, fmt = found
+        codes = read_parquet_codes(path, column_map(cfg)) if fmt == "parquet" else \
+            read_delimited_codes(path, fmt, column_map(cfg)) if fmt in DELIMITED else None
+        if codes is not None:  # None: a csv/tsv case (or error) left to the DataFrame reader
+            return build_dataset_from_codes(codes, preprocessing_of(cfg), name=path.name,
+                                            source=cfg.source)
     log, name = read_log(cfg)
     return build_dataset(log, preprocessing_of(cfg), name=name, source=cfg.source)
 

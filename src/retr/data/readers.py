@@ -57,7 +57,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -216,29 +216,61 @@ def _read_bytes(path: Path, limit: int | None = None) -> tuple[bytes, bool]:
                 if size > cap:
                     raise _too_big(path, f"is {size:,} bytes", cap)
                 return fh.read(), False
-            chunks: list[bytes] = []
-            total = 0
-            with gzip.GzipFile(fileobj=fh) as gfh:
-                while chunk := gfh.read(_CHUNK):
-                    total += len(chunk)
-                    if total > cap:
-                        del chunks
-                        raise _too_big(path, f"decompresses to more than {cap:,} bytes", cap)
-                    if total > RATIO_CHECK_AFTER and total > MAX_COMPRESSION_RATIO * fh.tell():
-                        del chunks
-                        raise DataError(
-                            f"{path}: gzip data inflates more than {MAX_COMPRESSION_RATIO} times "
-                            f"({fh.tell():,} bytes became {total:,} and counting), which no "
-                            "interaction log does; it looks like a decompression bomb. "
-                            "Decompress it yourself if it is genuine")
-                    chunks.append(chunk)
-            return b"".join(chunks), True
+            return b"".join(_inflate(path, fh, cap)), True
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: gzip data is truncated or corrupt ({_one_line(e)}); "
                         "re-download the file or compress it again") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror or _one_line(e)}); "
                         "check that it exists and is readable") from None
+
+
+def _inflate(path: Path, fh: BinaryIO, cap: int) -> Iterator[bytes]:
+    """Gzip data in chunks, stopped once past ``cap`` bytes or a bomb's inflation ratio."""
+    total = 0
+    with gzip.GzipFile(fileobj=fh) as gfh:
+        while chunk := gfh.read(_CHUNK):
+            total += len(chunk)
+            if total > cap:
+                raise _too_big(path, f"decompresses to more than {cap:,} bytes", cap)
+            check_inflation(path, fh.tell(), total)
+            yield chunk
+
+
+def check_inflation(path: Path, compressed: int, inflated: int) -> None:
+    """Refuse gzip data that inflates like a bomb (see :mod:`retr.limits`)."""
+    if inflated > RATIO_CHECK_AFTER and inflated > MAX_COMPRESSION_RATIO * compressed:
+        raise DataError(f"{path}: gzip data inflates more than {MAX_COMPRESSION_RATIO} times "
+                        f"({compressed:,} bytes became {inflated:,} and counting), which no "
+                        "interaction log does; it looks like a decompression bomb. "
+                        "Decompress it yourself if it is genuine")
+
+
+def check_input_size(path: str | Path) -> Path:
+    """The checks of a whole-file read, for readers that hand the path to another library.
+
+    A regular file within :func:`retr.limits.max_input_bytes`; gzip data is inflated once in
+    chunks (nothing kept) to check its size and ratio. Returns the path.
+    """
+    p = _existing_file(path)
+    cap = max_input_bytes()
+    try:
+        with p.open("rb") as fh:
+            if fh.read(2) != _GZIP_MAGIC:
+                size = os.fstat(fh.fileno()).st_size
+                if size > cap:
+                    raise _too_big(p, f"is {size:,} bytes", cap)
+                return p
+            fh.seek(0)
+            for _ in _inflate(p, fh, cap):
+                pass
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{p}: gzip data is truncated or corrupt ({_one_line(e)}); "
+                        "re-download the file or compress it again") from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot read the file ({e.strerror or _one_line(e)}); "
+                        "check that it exists and is readable") from None
+    return p
 
 
 def _too_big(path: Path, what: str, cap: int) -> DataError:

@@ -3,8 +3,13 @@
 Bad input always gets a 4xx with a one-line ``detail``, never a 500 or a stack trace:
 malformed JSON or wrong types -> 422, out-of-range ``k`` or an oversized batch -> 422, a body
 over ``max_body_bytes`` -> 413, unknown items (``unknown="error"``) or a history with no known
-item (``empty="error"``) -> 400. Handlers are plain functions, run in FastAPI's thread pool:
-the model is only read, so concurrent requests are safe.
+item (``empty="error"``) -> 400, an id that is not Unicode text (a lone surrogate such as
+``"\\ud800"``, which could not be written back as JSON) -> 422. Handlers are plain functions, run
+in FastAPI's thread pool: the model is only read, so concurrent requests are safe.
+
+:func:`serve` runs uvicorn with :func:`guarded_protocol`: a request that does not arrive whole
+within ``read_timeout`` seconds gets 408 and its connection is closed, and connections waiting
+for a request are capped so that silent clients cannot hold every concurrency slot.
 
 Annotations here are evaluated eagerly (no ``from __future__ import annotations``): FastAPI
 and pydantic read the request models, which are built per app from its limits, at runtime.

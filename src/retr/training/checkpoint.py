@@ -13,6 +13,7 @@ Layout of a run directory::
     metrics.jsonl        one line per epoch
     results.json         final metrics with protocol, split, seed, data fingerprint
     env.json             library versions
+    manifest.json        size and SHA-256 of every file, written last (:mod:`retr.manifest`)
 
 Every file is written to a temporary sibling and renamed, so a kill at any moment leaves the
 previous good version in place.
