@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from retr.evaluation.routes import route_statistics
+from retr.explain.deletion import deletion_test
 from retr.runs import load_run
 
 RHO = 0.25
+DELETE_K = 3  # the planted pathway has 3 behaviors
 BASE = ["--config", "configs/synthetic.toml", "--model", "retr", "--set", "train.threads=1"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "paper": ("the paper's router (defaults)", []),
@@ -70,14 +72,16 @@ def test_ndcg(results: dict[str, Any]) -> float:
 def collect(variant: str, seed: int, runs: Path, cmd: list[str]) -> dict[str, Any]:
     run_dir = runs / f"{variant}-s{seed}"
     results = json.loads((run_dir / "results.json").read_text())
+    run = load_run(run_dir)
+    test = run.data.split.examples("test")
     routes = results.get("routes")
     if routes is None:
-        run = load_run(run_dir)
-        routes = route_statistics(run.model, run.data.dataset, run.data.split.examples("test"),
-                                  run.config.data.source, seed=run.config.seed)
+        routes = route_statistics(run.model, run.data.dataset, test, run.config.data.source,
+                                  seed=run.config.seed)
+    deletion = deletion_test(run.model, run.data.dataset, test, k=DELETE_K, seed=run.config.seed)
     return {"variant": variant, "description": VARIANTS[variant][0], "seed": seed,
             "command": shlex.join(cmd), "test_ndcg@10": test_ndcg(results),
-            "training": results.get("training"), "routes": routes}
+            "training": results.get("training"), "routes": routes, "deletion": deletion}
 
 
 def _ms(values: list[float]) -> str:
@@ -148,6 +152,27 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def deletion_table(records: list[dict[str, Any]]) -> str:
+    out = ["| variant | seeds | intact | " + " | ".join(
+        f"{m}: top-{DELETE_K} / bottom-{DELETE_K} deleted" for m in ("route", "attention",
+                                                                 "gradient", "random")) + " |",
+           "|---|---|---|---|---|---|---|"]
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        rs = [r["deletion"] for r in records if r["variant"] == variant]
+        cells = []
+        for m in ("route", "attention", "gradient", "random"):
+            if all(m in d["methods"] for d in rs):
+                top = statistics.mean(d["methods"][m]["top"]["HR@10"] for d in rs)
+                bottom = statistics.mean(d["methods"][m]["bottom"]["HR@10"] for d in rs)
+                cells.append(f"{top:.3f} / {bottom:.3f}")
+            else:
+                cells.append("-")
+        intact = statistics.mean(d["intact"]["HR@10"] for d in rs)
+        seeds = ",".join(str(r["seed"]) for r in records if r["variant"] == variant)
+        out.append(f"| {variant} | {seeds} | {intact:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -183,7 +208,15 @@ def main() -> None:
           "the planted positions; precision and recall score the inference route. Written by "
           "`python -m benchmarks.pathway_routes`.", "", "## Per variant (mean ± sd over seeds)",
           "", summary(records), "", "## Targets at ρ = 0.25", "", *targets(records), "",
-          "## Every run", "", table(records), "", "## Commands", ""]
+          "## Every run", "", table(records), "",
+          f"## Deletion test (k = {DELETE_K}, mean over seeds)", "",
+          "HR@10 of the true next item ranked among all items, after deleting from each test "
+          f"history the {DELETE_K} behaviors an explanation ranks highest / lowest "
+          "(`retr.explain.deletion`); histories with more than "
+          f"{2 * DELETE_K} behaviors. route: α of the last layer; attention: the last query's "
+          "attention at the last layer; gradient: gradient x input of the target's score. A "
+          "faithful explanation makes the first number much lower than the second.", "",
+          deletion_table(records), "", "## Commands", ""]
     md += [f"- `{r['variant']}` seed {r['seed']}: `OMP_NUM_THREADS=1 {r['command']}`"
            for r in records]
     (args.out / "pathways.md").write_text("\n".join(md) + "\n")
