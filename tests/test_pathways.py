@@ -324,3 +324,21 @@ def test_threshold_rule_keeps_rho_of_a_batch_and_infers_with_the_same_theta() ->
     state = model.state_dict()
     assert "blocks.0.attn.router.threshold" in state  # saved with the weights
     assert "blocks.0.attn.router.threshold" not in tiny().state_dict()
+
+
+def test_last_query_distillation_target_is_the_last_querys_attention() -> None:
+    n = 4
+    weights = torch.zeros(1, 2, n, n)
+    weights[0, :, :, 0] = 1.0  # every query but the last reads token 0
+    weights[0, :, -1] = torch.tensor([0.0, 0.0, 0.25, 0.75])  # the last reads 2 and itself
+    real = torch.ones(1, n, dtype=torch.bool)
+    route = torch.ones(1, n)
+    logit = torch.tensor([[0.0, 0.0, 1.0, 2.0]], requires_grad=True)
+    loss = received_attention_loss(logit, weights, route, real, source="last")
+    expect = -(0.25 * logit.log_softmax(1)[0, 2] + 0.75 * logit.log_softmax(1)[0, 3])
+    torch.testing.assert_close(loss[0], expect)
+    # later queries, each weight times the query's number of keys, averaged over the queries:
+    # token 0 gets (1 + 1 + 0) / 3, token 2 gets 0.25 x 2 / 1; normalised: 4/7 and 3/7
+    later = received_attention_loss(logit, weights, route, real)
+    log_q = logit.log_softmax(1)[0]
+    torch.testing.assert_close(later[0], -(4 / 7 * log_q[0] + 3 / 7 * log_q[2]))

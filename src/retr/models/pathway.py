@@ -107,6 +107,8 @@ class RouterOptions:
     inference_rule: str = "mode"  # "mode" (α >= 1/2, the paper) | "topk" | "threshold" (ours)
     router_target: str = "task"  # "task" (the paper) | "attention" (distilled, rule-drawn route)
     distill_weight: float = 1.0  # weight of the distillation loss (router_target="attention")
+    distill_source: str = "later"  # "later": attention from every later query | "last": the
+    # window's last query (the one that predicts at test time), itself included
 
     def __post_init__(self) -> None:
         choices = {"router": ("learned", "random"), "gumbel": ("adaptive", "fixed"),
@@ -114,6 +116,7 @@ class RouterOptions:
                    "inference_route": ("deterministic", "sample"),
                    "route_sample": ("paper", "weighted"), "query_bias": ("on_route", "always"),
                    "inference_rule": ("mode", "topk", "threshold"),
+                   "distill_source": ("later", "last"),
                    "router_target": ("task", "attention")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
@@ -213,7 +216,8 @@ def causal_topk(score: torch.Tensor, candidates: torch.Tensor, real: torch.Tenso
 
 
 def received_attention_loss(keep_logit: torch.Tensor, weights: torch.Tensor,
-                            route: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+                            route: torch.Tensor, real: torch.Tensor,
+                            source: str = "later") -> torch.Tensor:
     """[B] distillation loss of router_target="attention" (ours).
 
     Target: how much attention each real token i receives from the later on-route queries
@@ -222,15 +226,20 @@ def received_attention_loss(keep_logit: torch.Tensor, weights: torch.Tensor,
     queries; normalised over the window. Prediction: the softmax of the keep logits over the
     window's real tokens; loss: their cross-entropy. A row with no later on-route query has
     no target and loss 0. weights [B, h, N, N] (query, key), the rest [B, N].
+    ``source="last"``: the target is the attention of the window's last query alone (every
+    token up to and including itself), the query that scores the next item at test time.
     """
     n = weights.shape[-1]
-    later = torch.ones(n, n, dtype=torch.bool, device=weights.device).tril(-1)  # [j, i] j > i
     att = weights.detach().mean(dim=1)  # [B, N(j), N(i)]
     keys = (att > 0).sum(dim=-1, keepdim=True).clamp_min(1)  # [B, N, 1] keys each query read
-    asking = route.detach().unsqueeze(-1) * later  # [B, N, N] later on-route queries
-    lift = (asking * att * keys).sum(dim=1)  # [B, N] Σ_j R_j n_j A[j, i]
-    count = asking.sum(dim=1)  # [B, N] how many later on-route queries
-    received = lift / count.clamp_min(1.0) * real  # [B, N]
+    if source == "last":
+        received = att[:, -1] * real  # [B, N] the last query's attention
+    else:
+        later = torch.ones(n, n, dtype=torch.bool, device=weights.device).tril(-1)  # j > i
+        asking = route.detach().unsqueeze(-1) * later  # [B, N, N] later on-route queries
+        lift = (asking * att * keys).sum(dim=1)  # [B, N] Σ_j R_j n_j A[j, i]
+        count = asking.sum(dim=1)  # [B, N] how many later on-route queries
+        received = lift / count.clamp_min(1.0) * real  # [B, N]
     total = received.sum(dim=1, keepdim=True)  # [B, 1]
     target = received / total.clamp_min(1e-12)  # [B, N]
     log_q = keep_logit.masked_fill(~real, float("-inf")).log_softmax(dim=1)  # [B, N]
@@ -432,8 +441,8 @@ class PathwayAttention(nn.Module):
             with torch.no_grad():  # the teacher: every query on the route
                 _, teacher = self.attention(query_in, kv_in, real, True)  # [B, h, N, N]
             assert teacher is not None
-            aux = opts.distill_weight * received_attention_loss(keep_logit, teacher,
-                                                                real.to(route.dtype), real)
+            aux = opts.distill_weight * received_attention_loss(
+                keep_logit, teacher, real.to(route.dtype), real, opts.distill_source)
         if not output_attentions:
             weights = None
         return out, weights, route, info._replace(aux_loss=aux)
