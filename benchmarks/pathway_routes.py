@@ -40,12 +40,18 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "paper": ("the paper's router (defaults)", []),
     "random25": ("random router, p = 0.25 (control)",
                  ['model.router="random"', "model.random_keep_prob=0.25"]),
-    "budget25": ("ours: budget penalty λ = 1, ω floor 0.1, causal top-k inference",
+    "budget25": ("ours: budget penalty λ = 1, ω floor 0.1, threshold rule",
                  ["model.keep_target=0.25", "model.keep_weight=1.0", "model.omega_floor=0.1",
-                  'model.inference_rule="topk"']),
-    "distilled25": ("ours: router distilled from received attention, causal top-k route",
-                    ["model.keep_target=0.25", 'model.inference_rule="topk"',
-                     'model.router_target="attention"']),
+                  'model.inference_rule="threshold"']),
+    "distilled25": ("ours: router distilled from the last query's attention, threshold rule, "
+                    "no hierarchy",
+                    ["model.keep_target=0.25", 'model.inference_rule="threshold"',
+                     'model.router_target="attention"', 'model.distill_source="last"',
+                     "model.hierarchical=false"]),
+    "distilled25-bq": ("ours: distilled25 with the query bias on off-route tokens too",
+                       ["model.keep_target=0.25", 'model.inference_rule="threshold"',
+                        'model.router_target="attention"', 'model.distill_source="last"',
+                        "model.hierarchical=false", 'model.query_bias="always"']),
 }
 
 
@@ -131,7 +137,7 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
     """One line per budgeted variant: which targets every seed met."""
     base = [r["test_ndcg@10"] for r in records if r["variant"] == "paper"]
     lines = []
-    for variant in ("budget25", "distilled25"):
+    for variant in ("budget25", "distilled25", "distilled25-bq"):
         rs = [r for r in records if r["variant"] == variant]
         if not rs:
             continue
