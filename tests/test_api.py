@@ -124,7 +124,7 @@ def test_old_run_directory_still_loads() -> None:
     assert new["model"]["query_bias"] == "always"
     for key, default in {"omega_floor": 0.0, "keep_target": 0.0, "keep_weight": 0.0,
                          "inference_rule": "mode", "router_target": "task",
-                         "distill_weight": 1.0}.items():
+                         "distill_weight": 1.0, "distill_source": "later"}.items():
         assert new["model"][key] == default
     for section, values in old.items():  # every old value kept; keys added since take defaults
         if isinstance(values, dict):

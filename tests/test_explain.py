@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from retr.cli import main
+from retr.config import resolve_config
 from retr.data.dataset import Vocabulary
+from retr.data.load import load_dataset
+from retr.data.splits import leave_one_out
 from retr.explain import draw_pathway, explain_history, item_titles
+from retr.explain.deletion import delete_tokens, deletion_test
+from retr.models import build_model
 from retr.serving import Recommender
 
 TINY = "synthetic:n_users=150,n_items=150,n_themes=10,min_len=10,max_len=16,seed=1"
@@ -128,3 +133,26 @@ def test_explain_shows_the_drawn_probability_and_a_route_that_follows_the_rule(r
         assert layer["route"] == expect
         prev = layer["route"]
     assert draw_pathway(out, tmp_path / "p.png").read_bytes()[:8] == PNG
+
+
+def test_delete_tokens_removes_and_repads_in_order():
+    seqs = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]])
+    drop = torch.tensor([[False, False, False, True, False, False],
+                         [True, False, False, False, False, True]])
+    assert delete_tokens(seqs, drop).tolist() == [[0, 0, 0, 5, 7, 8], [0, 0, 2, 3, 4, 5]]
+
+
+def test_deletion_test_reports_every_method(tmp_path):
+    cfg = resolve_config(None, [f'data.source="{TINY}"'], base={"model": {"name": "retr"}})
+    dataset = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    model = build_model("retr", dataset.n_items, dict(hidden_size=16, num_heads=2, max_len=16,
+                                                      ffn_size=16, router_hidden=8))
+    test = leave_one_out(dataset).test
+    out = deletion_test(model, dataset, test, k=2, batch_size=64)
+    assert out["examples"] == int((np.minimum(test.lengths, 16) > 4).sum()) > 0
+    assert set(out["methods"]) == {"route", "attention", "gradient", "random"}
+    for method in out["methods"].values():
+        for part in ("top", "bottom"):
+            assert 0.0 <= method[part]["HR@10"] <= 1.0
+            assert 0.0 <= method[part]["mean_log2_rank"] <= np.log2(dataset.n_items)

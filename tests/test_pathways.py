@@ -24,6 +24,8 @@ N_ITEMS, N, D = 30, 12, 16
 TINY = dict(hidden_size=D, num_heads=2, num_layers=2, max_len=16, ffn_size=D, router_hidden=8)
 BUDGET = {"keep_target": 0.25, "keep_weight": 1.0, "omega_floor": 0.1, "inference_rule": "topk"}
 DISTILLED = {"keep_target": 0.25, "inference_rule": "topk", "router_target": "attention"}
+THRESHOLD = {"keep_target": 0.25, "inference_rule": "threshold", "router_target": "attention",
+             "hierarchical": False}
 
 
 def tiny(seed: int = 0, **overrides: Any) -> Any:
@@ -154,17 +156,21 @@ def change_at(seqs: torch.Tensor, j: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("options", [{}, {"route_sample": "weighted"}, BUDGET, DISTILLED],
-                         ids=["paper", "weighted", "budget", "distilled"])
+@pytest.mark.parametrize("options", [{}, {"route_sample": "weighted"}, BUDGET, DISTILLED,
+                                     THRESHOLD, {**BUDGET, "inference_rule": "threshold"}],
+                         ids=["paper", "weighted", "budget", "distilled", "threshold",
+                              "budget-threshold"])
 @pytest.mark.parametrize("training", [False, True])
 def test_a_later_item_never_changes_an_earlier_output_or_route(options: dict[str, Any],
                                                                training: bool) -> None:
     model = tiny(dropout=0.3 if training else 0.2, **options).train(training)
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # θ moves in training
     seqs = batch()
     with torch.no_grad():
         torch.manual_seed(7)
         base = model(seqs, output_attentions=True)
         for j in range(1, N):
+            model.load_state_dict(state)
             torch.manual_seed(7)
             other = model(change_at(seqs, j), output_attentions=True)
             torch.testing.assert_close(base.hidden[:, :j], other.hidden[:, :j], rtol=0, atol=1e-5)
@@ -294,3 +300,45 @@ def test_router_options_refuse_incoherent_budgets() -> None:
             RouterOptions(**bad)
     assert not RouterOptions().budget and RouterOptions(**BUDGET).budget
     assert PathwayRouter(D, RouterOptions(**DISTILLED)).omega_mlp is None
+
+
+def test_threshold_rule_keeps_rho_of_a_batch_and_infers_with_the_same_theta() -> None:
+    model = tiny(dropout=0.0, **THRESHOLD)
+    seqs = torch.randint(1, N_ITEMS + 1, (64, N), generator=torch.Generator().manual_seed(4))
+    routers = [b.attn.router for b in model.blocks]
+    assert all(r.threshold is not None and float(r.threshold) == 0.0 for r in routers)
+    model.train()
+    with torch.no_grad():
+        first = model(seqs, output_attentions=True)  # drawn with θ = 0, then θ calibrated
+        model.eval()
+        test = model(seqs, output_attentions=True)
+        model.train()
+        second = model(seqs, output_attentions=True)  # the same θ as the eval pass
+    for layer, router in enumerate(routers):
+        assert int(router.threshold_updates) == 2
+        logit = torch.log(first.sample_probs[layer]) - torch.log1p(-first.sample_probs[layer])
+        assert torch.equal(first.routes[layer], (logit >= 0).float())  # θ = 0 on the first batch
+        assert torch.equal(second.routes[layer], test.routes[layer])  # training = inference
+    # layer 1 sees the same input in every pass: θ is that batch's quantile, the rate is ρ
+    assert abs(test.routes[0].mean().item() - 0.25) < 0.01
+    state = model.state_dict()
+    assert "blocks.0.attn.router.threshold" in state  # saved with the weights
+    assert "blocks.0.attn.router.threshold" not in tiny().state_dict()
+
+
+def test_last_query_distillation_target_is_the_last_querys_attention() -> None:
+    n = 4
+    weights = torch.zeros(1, 2, n, n)
+    weights[0, :, :, 0] = 1.0  # every query but the last reads token 0
+    weights[0, :, -1] = torch.tensor([0.0, 0.0, 0.25, 0.75])  # the last reads 2 and itself
+    real = torch.ones(1, n, dtype=torch.bool)
+    route = torch.ones(1, n)
+    logit = torch.tensor([[0.0, 0.0, 1.0, 2.0]], requires_grad=True)
+    loss = received_attention_loss(logit, weights, route, real, source="last")
+    expect = -(0.25 * logit.log_softmax(1)[0, 2] + 0.75 * logit.log_softmax(1)[0, 3])
+    torch.testing.assert_close(loss[0], expect)
+    # later queries, each weight times the query's number of keys, averaged over the queries:
+    # token 0 gets (1 + 1 + 0) / 3, token 2 gets 0.25 x 2 / 1; normalised: 4/7 and 3/7
+    later = received_attention_loss(logit, weights, route, real)
+    log_q = logit.log_softmax(1)[0]
+    torch.testing.assert_close(later[0], -(4 / 7 * log_q[0] + 3 / 7 * log_q[2]))

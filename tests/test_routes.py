@@ -58,6 +58,7 @@ def test_planted_window_marks_the_tokens_that_explain_the_last_item() -> None:
         expect = st.partner_of(last) if shape == "casual" else st.next_in_theme(last)
         assert items[test.targets[row] - 1] == expect
     assert planted_window(dataset, "ml-1m", test, 32) is None
+    assert planted_window(dataset, f"{SOURCE}+{SOURCE}", test, 32) is None  # two domains
 
 
 def test_random_router_keeps_p_and_its_route_is_no_retriever(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from retr.estimator import (  # noqa: E402
 from retr.evaluation.protocol import evaluate  # noqa: E402
 from retr.evaluation.ranking import top_k, user_states  # noqa: E402
 from retr.evaluation.routes import route_statistics  # noqa: E402
+from retr.explain.deletion import deletion_test  # noqa: E402
 from retr.models import build_model, build_run_model  # noqa: E402
 from retr.runs import load_config, load_run, train  # noqa: E402
 from retr.serving.http import create_app  # noqa: E402  (imports fastapi only when called)
@@ -46,7 +47,8 @@ __all__ = [
     "BERT4RecModel", "ConfigError", "DataError", "EpochStats", "GRU4RecModel", "PopModel",
     "RETRModel", "Recommender", "RetrError", "RunConfig", "RunDirError", "SASRecModel",
     "SequenceDataset", "SequentialModel", "Vocabulary", "__version__", "build_model",
-    "build_run_model", "compute_loss", "create_app", "dataset_from_frame", "evaluate", "load",
+    "build_run_model", "compute_loss", "create_app", "dataset_from_frame", "deletion_test",
+    "evaluate", "load",
     "load_config", "load_dataset", "load_run", "make_split", "read_interactions", "resolve_config",
     "route_statistics",
     "sample_negatives", "synthetic_interactions", "top_k", "train", "train_epoch", "user_states",

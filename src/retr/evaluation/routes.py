@@ -28,6 +28,7 @@ import torch
 from retr.data import synthetic
 from retr.data.dataset import SequenceDataset
 from retr.data.splits import EvalExamples
+from retr.errors import DataError
 from retr.models.base import SequentialRecommender
 from retr.models.pathway import PathwayRouter, training_routes
 
@@ -50,7 +51,11 @@ def planted_window(dataset: SequenceDataset, source: str, examples: EvalExamples
     """
     if not (source == "synthetic" or source.startswith("synthetic:")):
         return None
-    generated = synthetic.generate(synthetic.parse_synthetic_spec(source))
+    try:
+        spec = synthetic.parse_synthetic_spec(source)
+    except DataError:  # e.g. several synthetic domains side by side: no one ground truth
+        return None
+    generated = synthetic.generate(spec)
     log = generated.log
     user_index = pd.Series(np.arange(dataset.n_users), index=dataset.vocab.users)
     item_index = pd.Series(np.arange(1, dataset.n_items + 1), index=dataset.vocab.items)

@@ -51,11 +51,16 @@ Beyond the paper (ours, all off by default; docs/METHOD.md, "A pathway budget"):
 - inference_rule="topk": keep t iff it is among the round(ρ n_t) candidates (on the route so
   far) of its own prefix i <= t with the highest keep score (n_t real tokens <= t): a rate-ρ
   rule that never looks ahead, so causality holds at every position.
-- router_target="attention": the router is distilled from the attention each token receives
-  from later on-route queries of its layer (relative to uniform attention; cross-entropy
-  between the window's softmax of the keep logits and that normalised received attention),
-  and the route is the top-k rule above in training and at inference alike (the task loss
-  no longer reaches the router).
+- inference_rule="threshold": keep t iff its keep score reaches θ, a running estimate (kept
+  with the weights) of the score that a share ρ of the real tokens reach in training batches
+  (per layer, among the candidates still on the route; updated after each batch's route, so
+  a route never depends on other tokens' scores): a per-token rule, so causal, and robust to
+  scores that trend along the window.
+- router_target="attention": the router is distilled from the attention each token would
+  receive from the later queries of its layer if every query were on the route (relative to
+  uniform attention; cross-entropy between the window's softmax of the keep logits and that
+  normalised received attention), and the route is the rate-ρ rule (topk or threshold) in
+  training and at inference alike (the task loss no longer reaches the router).
 """
 
 from __future__ import annotations
@@ -99,16 +104,20 @@ class RouterOptions:
     omega_floor: float = 0.0  # ω = floor + ReLU(MLP_ω): > 0 closes the ω = 0 dead zone
     keep_target: float = 0.0  # ρ, the target keep rate of the budget (0 = no budget)
     keep_weight: float = 0.0  # λ of the penalty λ (E[keep] - ρ)² (needs keep_target)
-    inference_rule: str = "mode"  # "mode" (α >= 1/2, the paper) | "topk" (causal top ρ n_t)
-    router_target: str = "task"  # "task" (the paper) | "attention" (distilled, top-k route)
+    inference_rule: str = "mode"  # "mode" (α >= 1/2, the paper) | "topk" | "threshold" (ours)
+    router_target: str = "task"  # "task" (the paper) | "attention" (distilled, rule-drawn route)
     distill_weight: float = 1.0  # weight of the distillation loss (router_target="attention")
+    distill_source: str = "later"  # "later": attention from every later query | "last": the
+    # window's last query (the one that predicts at test time), itself included
 
     def __post_init__(self) -> None:
         choices = {"router": ("learned", "random"), "gumbel": ("adaptive", "fixed"),
                    "pooling": ("causal", "global"),
                    "inference_route": ("deterministic", "sample"),
                    "route_sample": ("paper", "weighted"), "query_bias": ("on_route", "always"),
-                   "inference_rule": ("mode", "topk"), "router_target": ("task", "attention")}
+                   "inference_rule": ("mode", "topk", "threshold"),
+                   "distill_source": ("later", "last"),
+                   "router_target": ("task", "attention")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ConfigError(f"model.{name} must be one of {', '.join(valid)}; "
@@ -126,17 +135,18 @@ class RouterOptions:
                               f"got {self.keep_target}")
         if self.keep_weight < 0 or self.distill_weight < 0:
             raise ConfigError("model.keep_weight and model.distill_weight must be >= 0")
-        budgeted = self.keep_weight > 0 or self.inference_rule == "topk" \
+        budgeted = self.keep_weight > 0 or self.inference_rule != "mode" \
             or self.router_target == "attention"
         if budgeted and self.keep_target == 0.0:
-            raise ConfigError("model.keep_weight, model.inference_rule='topk' and "
+            raise ConfigError("model.keep_weight, model.inference_rule='topk'/'threshold' and "
                               "model.router_target='attention' need a model.keep_target in (0, 1]")
         if budgeted and self.router == "random":
             raise ConfigError("the random router has no keep budget: use "
                               "model.random_keep_prob to set its keep rate")
-        if self.router_target == "attention" and self.inference_rule != "topk":
-            raise ConfigError("model.router_target='attention' routes by the top-k rule in "
-                              "training and at inference: set model.inference_rule='topk'")
+        if self.router_target == "attention" and self.inference_rule == "mode":
+            raise ConfigError("model.router_target='attention' routes by a rate-ρ rule in "
+                              "training and at inference: set model.inference_rule to 'topk' "
+                              "or 'threshold'")
 
     @property
     def budget(self) -> bool:
@@ -206,7 +216,8 @@ def causal_topk(score: torch.Tensor, candidates: torch.Tensor, real: torch.Tenso
 
 
 def received_attention_loss(keep_logit: torch.Tensor, weights: torch.Tensor,
-                            route: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+                            route: torch.Tensor, real: torch.Tensor,
+                            source: str = "later") -> torch.Tensor:
     """[B] distillation loss of router_target="attention" (ours).
 
     Target: how much attention each real token i receives from the later on-route queries
@@ -215,15 +226,20 @@ def received_attention_loss(keep_logit: torch.Tensor, weights: torch.Tensor,
     queries; normalised over the window. Prediction: the softmax of the keep logits over the
     window's real tokens; loss: their cross-entropy. A row with no later on-route query has
     no target and loss 0. weights [B, h, N, N] (query, key), the rest [B, N].
+    ``source="last"``: the target is the attention of the window's last query alone (every
+    token up to and including itself), the query that scores the next item at test time.
     """
     n = weights.shape[-1]
-    later = torch.ones(n, n, dtype=torch.bool, device=weights.device).tril(-1)  # [j, i] j > i
     att = weights.detach().mean(dim=1)  # [B, N(j), N(i)]
     keys = (att > 0).sum(dim=-1, keepdim=True).clamp_min(1)  # [B, N, 1] keys each query read
-    asking = route.detach().unsqueeze(-1) * later  # [B, N, N] later on-route queries
-    lift = (asking * att * keys).sum(dim=1)  # [B, N] Σ_j R_j n_j A[j, i]
-    count = asking.sum(dim=1)  # [B, N] how many later on-route queries
-    received = lift / count.clamp_min(1.0) * real  # [B, N]
+    if source == "last":
+        received = att[:, -1] * real  # [B, N] the last query's attention
+    else:
+        later = torch.ones(n, n, dtype=torch.bool, device=weights.device).tril(-1)  # j > i
+        asking = route.detach().unsqueeze(-1) * later  # [B, N, N] later on-route queries
+        lift = (asking * att * keys).sum(dim=1)  # [B, N] Σ_j R_j n_j A[j, i]
+        count = asking.sum(dim=1)  # [B, N] how many later on-route queries
+        received = lift / count.clamp_min(1.0) * real  # [B, N]
     total = received.sum(dim=1, keepdim=True)  # [B, 1]
     target = received / total.clamp_min(1e-12)  # [B, N]
     log_q = keep_logit.masked_fill(~real, float("-inf")).log_softmax(dim=1)  # [B, N]
@@ -234,10 +250,18 @@ def received_attention_loss(keep_logit: torch.Tensor, weights: torch.Tensor,
 class PathwayRouter(nn.Module):
     """Decides the route R^l [B, N] of one block from its input states (steps 1-5)."""
 
+    threshold: torch.Tensor | None
+    threshold_updates: torch.Tensor
+
     def __init__(self, dim: int, options: RouterOptions) -> None:
         super().__init__()
         self.options = options
         self.sample_routes = False  # eval mode draws like training (see ``training_routes``)
+        if options.inference_rule == "threshold":  # θ of the threshold rule, and its updates
+            self.register_buffer("threshold", torch.zeros(()))
+            self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
+        else:
+            self.threshold = None
         self.context_mlp: nn.Module | None = None
         self.keep_mlp: nn.Module | None = None
         self.omega_mlp: nn.Sequential | None = None
@@ -304,11 +328,15 @@ class PathwayRouter(nn.Module):
             weighted = not paper and self.omega_mlp is not None
             sample_logit = scaled[..., 1] - scaled[..., 0] if weighted else keep_logit  # [B, N]
             sample_prob = torch.sigmoid(sample_logit) * mask  # [B, N]
-            if opts.router_target == "attention" or (opts.inference_rule == "topk"
+            candidates = real & (base > 0.5)  # [B, N] still on the route
+            if opts.router_target == "attention" or (opts.inference_rule != "mode"
                                                      and not sampling):
-                # the rate-ρ rule: causal top ⌈ρ n_t⌉ of the candidates by their score
-                candidates = real & (base > 0.5)  # [B, N]
-                sample = causal_topk(sample_logit.detach(), candidates, real, opts.keep_target)
+                # the rate-ρ rules (ours): causal top round(ρ n_t), or the calibrated θ
+                score = sample_logit.detach()  # [B, N]
+                if self.threshold is not None:
+                    sample = ((score >= self.threshold) & candidates).to(z.dtype)
+                else:
+                    sample = causal_topk(score, candidates, real, opts.keep_target)
             elif sampling:
                 sample = straight_through_gumbel(scaled, tau, log_pi if paper else None)
             elif paper:
@@ -316,8 +344,26 @@ class PathwayRouter(nn.Module):
             else:
                 # weighted: ω log α >= ω log(1-α) (ties, e.g. ω = 0, keep)
                 sample = (scaled[..., 1] >= scaled[..., 0]).to(z.dtype)  # [B, N]
+            if self.threshold is not None and self.training:
+                # after this batch's route: a route never depends on the other tokens' scores
+                self._calibrate(sample_logit.detach(), candidates, real)
         # step 5: hierarchical update R^l = R̂^l ⊙ R^{l-1}; otherwise only padding is masked
         return sample * base, RouteInfo(keep_prob, sample_prob, omega, None), keep_logit
+
+    @torch.no_grad()
+    def _calibrate(self, score: torch.Tensor, candidates: torch.Tensor,
+                   real: torch.Tensor) -> None:
+        """θ <- 0.9 θ + 0.1 q (q on the first batch): q is the score reached by a share ρ of the
+        batch's real tokens, among the candidates (all of them when they are fewer)."""
+        assert self.threshold is not None
+        values = score[candidates].float()  # [C]
+        if not len(values):
+            return
+        share = min(1.0, self.options.keep_target * float(real.sum()) / len(values))
+        q = torch.quantile(values, 1.0 - share)
+        first = bool(self.threshold_updates == 0)
+        self.threshold.copy_(q if first else 0.9 * self.threshold + 0.1 * q)
+        self.threshold_updates += 1
 
     def budget_penalty(self, sample_prob: torch.Tensor, route_prev: torch.Tensor,
                        real: torch.Tensor) -> torch.Tensor:
@@ -337,9 +383,12 @@ def inference_rule_text(options: RouterOptions) -> str:
         return f"random: kept with probability {options.random_keep_prob:g}, drawn at inference too"
     if options.inference_route == "sample":
         return "drawn as in training (inference_route = sample): the route changes between calls"
-    if options.router_target == "attention" or options.inference_rule == "topk":
+    if options.inference_rule == "topk":
         return (f"kept iff among the round({options.keep_target:g} x n_t) highest keep "
                 "probabilities of its own prefix (top-k, ours)")
+    if options.inference_rule == "threshold":
+        return (f"kept iff its keep probability reaches the threshold a share "
+                f"{options.keep_target:g} reached in training (ours)")
     if options.route_sample == "weighted" and options.gumbel == "adaptive":
         return "kept iff the drawn probability sigma(omega x logit alpha) >= 1/2 (omega = 0 keeps)"
     return "kept iff alpha >= 1/2 (the paper's sampling: the drawn probability is alpha)"
@@ -383,14 +432,17 @@ class PathwayAttention(nn.Module):
         route, info, keep_logit = self.router(query_in, route_prev, real)  # [B, N]
         routed = route.unsqueeze(-1) * query_in  # [B, N, d] R^l ⊙ Z
         gate = route if opts.query_bias == "on_route" else None  # [B, N]: bias on route only
-        distill = self.training and opts.router_target == "attention" and keep_logit is not None
-        out, weights = self.attention(routed, kv_in, real, output_attentions or distill,
+        out, weights = self.attention(routed, kv_in, real, output_attentions,
                                       query_gate=gate)  # [B, N, d]
         aux: torch.Tensor | None = None
         if self.training and opts.budget:
             aux = self.router.budget_penalty(info.sample_prob, route_prev, real)  # [B]
-        if distill and keep_logit is not None and weights is not None:
-            aux = opts.distill_weight * received_attention_loss(keep_logit, weights, route, real)
+        if self.training and opts.router_target == "attention" and keep_logit is not None:
+            with torch.no_grad():  # the teacher: every query on the route
+                _, teacher = self.attention(query_in, kv_in, real, True)  # [B, h, N, N]
+            assert teacher is not None
+            aux = opts.distill_weight * received_attention_loss(
+                keep_logit, teacher, real.to(route.dtype), real, opts.distill_source)
         if not output_attentions:
             weights = None
         return out, weights, route, info._replace(aux_loss=aux)

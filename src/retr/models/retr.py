@@ -51,7 +51,9 @@ class RETRConfig:
     dropout: float = 0.2  # embedding, attention-weight and residual dropout (paper silent)
     # the router switches (pathway.py), flat keys of [model]: router, random_keep_prob,
     # hierarchical, gumbel, tau, pooling ("causal" is ours; "global" is the paper's and leaks
-    # the future), inference_route, router_hidden
+    # the future), inference_route, router_hidden, route_sample, query_bias; beyond the paper
+    # (ours, off by default): omega_floor, keep_target, keep_weight, inference_rule,
+    # router_target, distill_weight, distill_source
     pathway: RouterOptions = field(default_factory=RouterOptions)
     init_std: float = 0.02  # std of the truncated-normal initialisation (paper silent)
     # block switches beyond the paper (layers.BlockOptions), flat keys of [model]: layout
