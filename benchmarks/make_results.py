@@ -383,6 +383,17 @@ def coverage(records: list[dict[str, Any]], grids: list[Path]) -> list[str]:
     return [text("not-measured"), "", *lines, ""]
 
 
+def pathways_section(path: Path) -> list[str]:
+    """The route measurements table (``python -m benchmarks.pathway_routes`` writes it), one
+    heading level down, under the section's introduction."""
+    body = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# "):
+            continue  # its title: the section heading replaces it
+        body.append("#" + line if line.startswith("##") else line)
+    return [text("pathways"), "", "\n".join(body).strip(), ""]
+
+
 def build(records: list[dict[str, Any]], results_dir: Path,
           grids: list[Path] | None = None) -> str:
     tables: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -425,6 +436,8 @@ def build(records: list[dict[str, Any]], results_dir: Path,
             f"{label}: {statistics.fmean(r['epochs'] for r in rs):.0f} epochs, "
             f"{statistics.fmean(r['train_seconds'] for r in rs) / 60:.1f} min"
             for label, rs in sorted(tables["pretrain"].items()))), ""]
+    if (results_dir / "routes" / "pathways.md").exists():
+        lines += pathways_section(results_dir / "routes" / "pathways.md")
     lines += coverage(records, grids or [])
     if (results_dir / "params_flops.json").exists():
         lines += params_section(results_dir / "params_flops.json")
