@@ -652,3 +652,57 @@ def test_swiglu_is_the_gated_linear_unit() -> None:
     x = torch.randn(2, 3, 4)
     expected = ffn.fc2(F.silu(ffn.fc1(x)) * ffn.gate(x))
     torch.testing.assert_close(ffn(x), expected)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_skipping_off_route_queries_gives_the_dense_outputs_and_gradients(causal: bool) -> None:
+    """The sparse path (zero queries as prefix means, active queries gathered) equals the dense
+    pathway attention for the same route: outputs, and gradients to inputs and weights."""
+    from retr.models.layers import MultiHeadAttention
+
+    torch.manual_seed(0)
+    b, n, d = 3, 9, 8
+    mha = MultiHeadAttention(d, 2, 0.0, causal, out_proj=True)
+    z = torch.randn(b, n, d, requires_grad=True)
+    real = torch.ones(b, n, dtype=torch.bool)
+    real[0, :3] = False
+    real[2, :] = False  # an empty history
+    real[2, -1] = True
+    route = (torch.rand(b, n) < 0.4) & real
+    route[1] = False  # a row with nothing on the route
+    sparse = mha.forward_active(z, z, real, route)
+    r = route.float()
+    dense, _ = mha(r.unsqueeze(-1) * z, z, real, query_gate=r)
+    torch.testing.assert_close(sparse, dense)
+    params = [z, *mha.parameters()]
+    g_sparse = torch.autograd.grad(sparse.pow(2).sum(), params)
+    g_dense = torch.autograd.grad(dense.pow(2).sum(), params)
+    for gs, gd in zip(g_sparse, g_dense, strict=True):
+        torch.testing.assert_close(gs, gd)
+
+
+def test_pathway_attention_takes_the_sparse_path_only_when_it_is_exact() -> None:
+    """Random router at 0.25 in evaluation: sparse, same states as the forced dense path; a
+    learned router in training (straight-through gradients) or the old query bias: dense."""
+    torch.manual_seed(0)
+    model = build_model("retr", N_ITEMS, {"hidden_size": D, "num_heads": 2, "max_len": N,
+                                          "router": "random", "random_keep_prob": 0.25}).eval()
+    seqs = torch.randint(1, N_ITEMS + 1, (4, N))
+    attn = model.blocks[0].attn
+    route = (torch.rand(4, N) < 0.25).float()
+    real = seqs != 0
+    assert attn._sparse(route, real, False) and not attn._sparse(route, real, True)
+    torch.manual_seed(5)
+    sparse = model(seqs).hidden
+    dense_model = build_model("retr", N_ITEMS, {"hidden_size": D, "num_heads": 2, "max_len": N,
+                                                "router": "random", "random_keep_prob": 0.25,
+                                                "sparse_below": 0.0}).eval()
+    dense_model.load_state_dict(model.state_dict())
+    torch.manual_seed(5)
+    dense = dense_model(seqs).hidden
+    torch.testing.assert_close(sparse, dense)
+    learned = build_model("retr", N_ITEMS, {"hidden_size": D, "num_heads": 2, "max_len": N}).train()
+    assert not learned.blocks[0].attn._sparse(route.requires_grad_(), real, False)
+    old = build_model("retr", N_ITEMS, {"hidden_size": D, "num_heads": 2, "max_len": N,
+                                        "query_bias": "always"}).eval()
+    assert not old.blocks[0].attn._sparse(route.detach(), real, False)

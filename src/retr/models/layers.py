@@ -244,7 +244,7 @@ def attention_mask(real: torch.Tensor, causal: bool) -> torch.Tensor:
     return (q_real & allowed) | (~q_real & eye)  # [B, 1, N, N] (boolean ops: exportable)
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
     """Whether the model is being traced or compiled (ONNX export): one static graph then."""
     return bool(torch.compiler.is_compiling() or torch.jit.is_tracing())
 
@@ -272,6 +272,52 @@ class MultiHeadAttention(nn.Module):
         self.value = nn.Linear(dim, dim)
         self.out: nn.Module = nn.Linear(dim, dim) if out_proj else nn.Identity()
 
+    def forward_active(self, query_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
+                       active: torch.Tensor) -> torch.Tensor:
+        """Output [B, N, d] when only the ``active`` [B, N] queries are real vectors and every
+        other query is exactly zero, computed without the zero queries' query-key products.
+
+        A zero query scores every key alike, so its output is the plain mean of the values it
+        may read (its causal prefix, or all real keys): a running sum, no [N, N] work. The
+        active queries are gathered into [B, M] slots (M: the most active in a row) and attend
+        as usual. The zero queries' uniform weights get no attention dropout (their outputs
+        are the exact mean); the active ones get it as in :meth:`forward`.
+        """
+        b, n, d = query_in.shape
+        h, dh = self.heads, d // self.heads
+        k = self.key(kv_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
+        v_flat = self.value(kv_in)  # [B, N, d]
+        v = v_flat.view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
+        w = real.unsqueeze(-1).to(v_flat.dtype)  # [B, N, 1] real keys
+        if self.causal:  # mean of the prefix's real values
+            mean = torch.cumsum(v_flat * w, dim=1) / torch.cumsum(w, dim=1).clamp_min(1.0)
+        else:
+            mean = ((v_flat * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
+                    ).expand(b, n, d)
+        active = active & real
+        m = int(active.sum(dim=1).max()) if active.any() else 0
+        y = mean  # [B, N, d] the zero queries' outputs
+        if m:
+            positions = torch.arange(n, device=real.device).expand(b, n)
+            # the active positions first, in order; slots past a row's count repeat its last
+            order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :m]  # [B, M]
+            slot_on = torch.gather(active, 1, order)  # [B, M] slots holding an active query
+            rows = torch.gather(positions, 1, order)  # [B, M] their positions
+            q_in = torch.gather(query_in, 1, order.unsqueeze(-1).expand(b, m, d))  # [B, M, d]
+            q = self.query(q_in).view(b, m, h, dh).transpose(1, 2)  # [B, h, M, d/h]
+            keys = torch.arange(n, device=real.device)
+            allowed = real[:, None, :] & (keys[None, None, :] <= rows[:, :, None]
+                                          if self.causal else True)  # [B, M, N]
+            allowed = allowed | (keys[None, None, :] == rows[:, :, None])  # never an empty row
+            p = self.dropout if self.training else 0.0
+            y_on = dropout_attention(q, k, v, allowed[:, None], p)  # [B, h, M, d/h]
+            y_on = y_on.transpose(1, 2).reshape(b, m, d) * slot_on.unsqueeze(-1)
+            scatter = order.unsqueeze(-1).expand(b, m, d)
+            keep = 1.0 - torch.zeros_like(y).scatter(1, scatter, slot_on.unsqueeze(-1).expand(
+                b, m, d).to(y.dtype))  # [B, N, d] 0 where an active output goes
+            y = (y * keep).scatter_add(1, scatter, y_on)
+        return self.out(y * real.unsqueeze(-1))
+
     def forward(self, query_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
                 output_attentions: bool = False, query_gate: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -297,7 +343,7 @@ class MultiHeadAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         weights: torch.Tensor | None = None
         if not output_attentions and n > ATTENTION_CHUNK and q.device.type == "cpu" and \
-                autocast_dtype("cpu") is None and not _exporting():
+                autocast_dtype("cpu") is None and not exporting():
             seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0  # global RNG
             y = chunked_attention(q, k, v, real, self.causal, p, seed, ATTENTION_CHUNK)
             y = y.transpose(1, 2).reshape(b, nq, d) * q_real.unsqueeze(-1)

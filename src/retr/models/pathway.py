@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retr.errors import ConfigError
-from retr.models.layers import MultiHeadAttention, RouteInfo
+from retr.models.layers import MultiHeadAttention, RouteInfo, exporting
 
 # Values that RouterOptions keys added after release 0.1.0 had before they were options: a
 # config.json without the key was written by code that behaved like this.
@@ -109,6 +109,8 @@ class RouterOptions:
     distill_weight: float = 1.0  # weight of the distillation loss (router_target="attention")
     distill_source: str = "later"  # "later": attention from every later query | "last": the
     # window's last query (the one that predicts at test time), itself included
+    sparse_below: float = 0.6  # compute only (ours): below this share of tokens on the route,
+    # skip the off-route queries' work (same outputs; benchmarks/pathway_speed.py measured it)
 
     def __post_init__(self) -> None:
         choices = {"router": ("learned", "random"), "gumbel": ("adaptive", "fixed"),
@@ -128,6 +130,8 @@ class RouterOptions:
             raise ConfigError(f"model.tau must be > 0, got {self.tau}")
         if self.router_hidden < 1:
             raise ConfigError(f"model.router_hidden must be >= 1, got {self.router_hidden}")
+        if not 0.0 <= self.sparse_below <= 1.0:
+            raise ConfigError(f"model.sparse_below must be in [0, 1], got {self.sparse_below}")
         if self.omega_floor < 0:
             raise ConfigError(f"model.omega_floor must be >= 0, got {self.omega_floor}")
         if not 0.0 <= self.keep_target <= 1.0:
@@ -424,16 +428,33 @@ class PathwayAttention(nn.Module):
         self.attention = attention
         self.router = router
 
+    def _sparse(self, route: torch.Tensor, real: torch.Tensor, output_attentions: bool) -> bool:
+        """Whether to skip the off-route queries' work (ours; the same outputs, see
+        ``MultiHeadAttention.forward_active``): an off-route query must be exactly zero
+        (query_bias="on_route"), no weights asked for, no gradient needed through the route
+        (evaluation, serving, the random router: the straight-through gradient of a dropped
+        token needs its query-key products), and few enough tokens on the route
+        (``sparse_below``: above it the dense path is faster)."""
+        if output_attentions or route.requires_grad or exporting() or \
+                self.router.options.query_bias != "on_route":
+            return False
+        kept = float(route.sum()) / max(float(real.sum()), 1.0)
+        return kept < self.router.options.sparse_below
+
     def forward(self, query_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
                 route_prev: torch.Tensor, output_attentions: bool = False,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, RouteInfo]:
         """-> (output [B, N, d], weights [B, h, N, N] | None, route R^l [B, N], RouteInfo)."""
         opts = self.router.options
         route, info, keep_logit = self.router(query_in, route_prev, real)  # [B, N]
-        routed = route.unsqueeze(-1) * query_in  # [B, N, d] R^l ⊙ Z
-        gate = route if opts.query_bias == "on_route" else None  # [B, N]: bias on route only
-        out, weights = self.attention(routed, kv_in, real, output_attentions,
-                                      query_gate=gate)  # [B, N, d]
+        if self._sparse(route, real, output_attentions):
+            out = self.attention.forward_active(query_in, kv_in, real, route > 0.5)
+            weights = None
+        else:
+            routed = route.unsqueeze(-1) * query_in  # [B, N, d] R^l ⊙ Z
+            gate = route if opts.query_bias == "on_route" else None  # [B, N]: bias on route only
+            out, weights = self.attention(routed, kv_in, real, output_attentions,
+                                          query_gate=gate)  # [B, N, d]
         aux: torch.Tensor | None = None
         if self.training and opts.budget:
             aux = self.router.budget_penalty(info.sample_prob, route_prev, real)  # [B]
