@@ -7,8 +7,10 @@ benchmarks run (``retr.train``, ``retr.load_run``, ``retr.evaluate``, ``retr.tra
 ``retr.build_model``) with the pieces underneath them: reading a log
 (``retr.read_interactions``), splitting it (``retr.make_split``), the sampled protocol's
 negatives (``retr.sample_negatives``), users' next-item states and top-k lists
-(``retr.user_states``, ``retr.top_k``), the training losses (``retr.compute_loss``) and the
-HTTP app of ``retr serve`` (``retr.create_app``; it needs the ``serve`` extra only when called).
+(``retr.user_states``, ``retr.top_k``), the training losses (``retr.compute_loss``), the
+route statistics and the deletion test of explanations (``retr.route_statistics``,
+``retr.deletion_test``), and the HTTP app of ``retr serve`` (``retr.create_app``; it needs the
+``serve`` extra only when called).
 """
 
 __version__ = "0.1.0"
