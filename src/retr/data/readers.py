@@ -55,6 +55,7 @@ import os
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -201,22 +202,28 @@ def _read_bytes(path: Path, limit: int | None = None) -> tuple[bytes, bool]:
     Reading everything is bounded by :func:`retr.limits.max_input_bytes`: a plain file over it
     is refused from its size, gzip data is inflated in chunks and refused once it passes it.
     """
-    try:
-        with path.open("rb") as fh:
-            gz = fh.read(2) == _GZIP_MAGIC
-            fh.seek(0)
-            if limit is not None:
-                if not gz:
-                    return fh.read(limit), False
-                with gzip.GzipFile(fileobj=fh) as gfh:
-                    return gfh.read(limit), True
-            cap = max_input_bytes()
+    with _file_errors(path), path.open("rb") as fh:
+        gz = fh.read(2) == _GZIP_MAGIC
+        fh.seek(0)
+        if limit is not None:
             if not gz:
-                size = os.fstat(fh.fileno()).st_size
-                if size > cap:
-                    raise _too_big(path, f"is {size:,} bytes", cap)
-                return fh.read(), False
-            return b"".join(_inflate(path, fh, cap)), True
+                return fh.read(limit), False
+            with gzip.GzipFile(fileobj=fh) as gfh:
+                return gfh.read(limit), True
+        cap = max_input_bytes()
+        if not gz:
+            size = os.fstat(fh.fileno()).st_size
+            if size > cap:
+                raise _too_big(path, f"is {size:,} bytes", cap)
+            return fh.read(), False
+        return b"".join(_inflate(path, fh, cap)), True
+
+
+@contextmanager
+def _file_errors(path: Path) -> Iterator[None]:
+    """A damaged gzip stream or an unreadable file as one DataError naming the file."""
+    try:
+        yield
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: gzip data is truncated or corrupt ({_one_line(e)}); "
                         "re-download the file or compress it again") from None
@@ -254,22 +261,15 @@ def check_input_size(path: str | Path) -> Path:
     """
     p = _existing_file(path)
     cap = max_input_bytes()
-    try:
-        with p.open("rb") as fh:
-            if fh.read(2) != _GZIP_MAGIC:
-                size = os.fstat(fh.fileno()).st_size
-                if size > cap:
-                    raise _too_big(p, f"is {size:,} bytes", cap)
-                return p
-            fh.seek(0)
-            for _ in _inflate(p, fh, cap):
-                pass
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise DataError(f"{p}: gzip data is truncated or corrupt ({_one_line(e)}); "
-                        "re-download the file or compress it again") from None
-    except OSError as e:
-        raise DataError(f"{p}: cannot read the file ({e.strerror or _one_line(e)}); "
-                        "check that it exists and is readable") from None
+    with _file_errors(p), p.open("rb") as fh:
+        if fh.read(2) != _GZIP_MAGIC:
+            size = os.fstat(fh.fileno()).st_size
+            if size > cap:
+                raise _too_big(p, f"is {size:,} bytes", cap)
+            return p
+        fh.seek(0)
+        for _ in _inflate(p, fh, cap):
+            pass
     return p
 
 
