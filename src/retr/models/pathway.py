@@ -109,7 +109,7 @@ class RouterOptions:
     distill_weight: float = 1.0  # weight of the distillation loss (router_target="attention")
     distill_source: str = "later"  # "later": attention from every later query | "last": the
     # window's last query (the one that predicts at test time), itself included
-    sparse_below: float = 0.6  # compute only (ours): below this share of tokens on the route,
+    sparse_below: float = 0.75  # compute only (ours): below this share of tokens on the route,
     # skip the off-route queries' work (same outputs; benchmarks/pathway_speed.py measured it)
 
     def __post_init__(self) -> None:
