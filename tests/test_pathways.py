@@ -20,7 +20,8 @@ from retr.models.pathway import (
 )
 from retr.training.trainer import batch_loss
 
-N_ITEMS, N, D = 30, 12, 16
+from .test_models import N_ITEMS, D, N, batch  # the same small model inputs
+
 TINY = dict(hidden_size=D, num_heads=2, num_layers=2, max_len=16, ffn_size=D, router_hidden=8)
 BUDGET = {"keep_target": 0.25, "keep_weight": 1.0, "omega_floor": 0.1, "inference_rule": "topk"}
 DISTILLED = {"keep_target": 0.25, "inference_rule": "topk", "router_target": "attention"}
@@ -31,15 +32,6 @@ THRESHOLD = {"keep_target": 0.25, "inference_rule": "threshold", "router_target"
 def tiny(seed: int = 0, **overrides: Any) -> Any:
     torch.manual_seed(seed)
     return build_model("retr", N_ITEMS, {**TINY, **overrides})
-
-
-def batch(seed: int = 0) -> torch.Tensor:
-    """[4, N] left-padded histories of lengths N, 7, 3 and 1."""
-    g = torch.Generator().manual_seed(seed)
-    seqs = torch.randint(1, N_ITEMS + 1, (4, N), generator=g)
-    for row, length in enumerate((N, 7, 3, 1)):
-        seqs[row, : N - length] = 0
-    return seqs
 
 
 def gumbel_of(shape: torch.Size, seed: int) -> torch.Tensor:

@@ -39,7 +39,14 @@ from retr.evaluation.protocol import evaluate
 from retr.explain.pathway import explain_history
 from retr.models import build_run_model
 from retr.models.base import SequentialRecommender
-from retr.runs import load_config, load_run, load_run_data, run_dataset, train
+from retr.runs import (
+    load_config,
+    load_item_counts,
+    load_run,
+    load_run_data,
+    run_dataset,
+    train,
+)
 from retr.serving.recommender import Recommender
 from retr.utils import log, read_json
 
@@ -176,10 +183,13 @@ class SequentialModel:
     @property
     def recommender(self) -> Recommender:
         """The serving view of the model: recommendations for any history of external ids."""
-        if self._recommender is None:
-            self._fitted()
+        if self._recommender is None:  # the model in memory: no second read of the weights
+            model, cfg = self._fitted(), self.config
             assert self.run_dir is not None
-            self._recommender = Recommender.load(self.run_dir)
+            self._recommender = Recommender(
+                model, self.dataset.vocab, cfg.model_name, config=cfg, results=self.results,
+                item_counts=load_item_counts(self.run_dir, model.n_items), run_dir=self.run_dir,
+                batch_size=cfg.eval.batch_size, item_chunk=cfg.eval.item_chunk)
         return self._recommender
 
     def evaluate(self, split: str = "test", protocols: list[str] | None = None,
