@@ -654,12 +654,17 @@ def test_swiglu_is_the_gated_linear_unit() -> None:
     torch.testing.assert_close(ffn(x), expected)
 
 
+@pytest.mark.parametrize("chunk", [256, 2])
 @pytest.mark.parametrize("causal", [True, False])
-def test_skipping_off_route_queries_gives_the_dense_outputs_and_gradients(causal: bool) -> None:
-    """The sparse path (zero queries as prefix means, active queries gathered) equals the dense
-    pathway attention for the same route: outputs, and gradients to inputs and weights."""
+def test_skipping_off_route_queries_gives_the_dense_outputs_and_gradients(
+        causal: bool, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sparse path (zero queries as prefix means, active queries gathered, in chunks when
+    there are many) equals the dense pathway attention for the same straight-through route:
+    outputs, and gradients to inputs, weights and the route itself."""
+    import retr.models.layers as layers
     from retr.models.layers import MultiHeadAttention
 
+    monkeypatch.setattr(layers, "ATTENTION_CHUNK", chunk)
     torch.manual_seed(0)
     b, n, d = 3, 9, 8
     mha = MultiHeadAttention(d, 2, 0.0, causal, out_proj=True)
@@ -668,22 +673,84 @@ def test_skipping_off_route_queries_gives_the_dense_outputs_and_gradients(causal
     real[0, :3] = False
     real[2, :] = False  # an empty history
     real[2, -1] = True
-    route = (torch.rand(b, n) < 0.4) & real
-    route[1] = False  # a row with nothing on the route
+    hard = ((torch.rand(b, n) < 0.4) & real).float()
+    hard[1] = 0.0  # a row with nothing on the route
+    soft = torch.rand(b, n, requires_grad=True)
+    route = hard + (soft - soft.detach())  # forward: hard; backward: into ``soft``
     sparse = mha.forward_active(z, z, real, route)
-    r = route.float()
-    dense, _ = mha(r.unsqueeze(-1) * z, z, real, query_gate=r)
+    dense, _ = mha(route.unsqueeze(-1) * z, z, real, query_gate=route)
     torch.testing.assert_close(sparse, dense)
-    params = [z, *mha.parameters()]
+    params = [z, soft, *mha.parameters()]
     g_sparse = torch.autograd.grad(sparse.pow(2).sum(), params)
     g_dense = torch.autograd.grad(dense.pow(2).sum(), params)
     for gs, gd in zip(g_sparse, g_dense, strict=True):
         torch.testing.assert_close(gs, gd)
+    assert g_sparse[1].abs().sum() > 0  # the route does get a gradient
+
+
+def test_causal_linear_attention_equals_the_masked_products() -> None:
+    from retr.models.kernels import causal_linear_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 11, 4) for _ in range(3))
+    expected = ((q @ k.transpose(-2, -1)).tril() @ v)  # [B, h, N, d]
+    for chunk in (1, 4, 11, 64):
+        torch.testing.assert_close(causal_linear_attention(q, k, v, chunk), expected)
+
+
+def test_learned_router_trains_on_the_sparse_path_with_the_dense_gradients() -> None:
+    """A budgeted RETR in training (straight-through routes, keep 0.25): the step through the
+    sparse path gives the same loss and gradients as the dense path (no dropout: the sparse
+    path gives the off-route queries' uniform weights none)."""
+    cfg = {"hidden_size": D, "num_heads": 2, "max_len": N, "dropout": 0.0,
+           "keep_target": 0.25, "keep_weight": 1.0, "omega_floor": 0.1}
+    torch.manual_seed(0)
+    sparse_model = build_model("retr", N_ITEMS, cfg).train()
+    dense_model = build_model("retr", N_ITEMS, {**cfg, "sparse_below": 0.0}).train()
+    dense_model.load_state_dict(sparse_model.state_dict())
+    with torch.no_grad():  # push the routers to drop most tokens
+        for m in (sparse_model, dense_model):
+            for block in m.blocks:
+                block.attn.router.keep_mlp[-1].bias.copy_(torch.tensor([0.8, -0.8]))
+    seqs = torch.randint(1, N_ITEMS + 1, (6, N))
+    seqs[0, :4] = 0
+    grads = []
+    for model in (sparse_model, dense_model):
+        torch.manual_seed(3)
+        out = model(seqs)
+        loss = out.hidden.pow(2).mean() + out.extras["aux_loss"].mean()
+        grads.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()),
+                                                         allow_unused=True)))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    params = list(dense_model.parameters())
+    for gs, gd, w in zip(grads[0][1], grads[1][1], params, strict=True):
+        # a block with no query on the route leaves W_Q, W_K unused on the sparse path
+        zero = torch.zeros_like(w)
+        torch.testing.assert_close(zero if gs is None else gs, zero if gd is None else gd,
+                                   atol=1e-7, rtol=1e-4)
+    torch.manual_seed(3)
+    attn = sparse_model.blocks[0].attn
+    route, _, _ = attn.router(torch.randn(6, N, D), torch.ones(6, N), seqs != 0)
+    assert route.requires_grad and float(route.detach().mean()) < 0.75
+    assert attn._sparse(route, seqs != 0, False)
+
+
+def test_distillation_from_the_last_query_reads_its_row_alone() -> None:
+    from retr.models.pathway import received_attention_loss
+
+    torch.manual_seed(0)
+    real = torch.ones(2, 5, dtype=torch.bool)
+    real[0, :2] = False
+    weights = torch.rand(2, 3, 5, 5).tril().softmax(-1)
+    logit = torch.randn(2, 5)
+    full = received_attention_loss(logit, weights, real.float(), real, "last")
+    row = received_attention_loss(logit, weights[:, :, -1:], real.float(), real, "last")
+    torch.testing.assert_close(full, row)
 
 
 def test_pathway_attention_takes_the_sparse_path_only_when_it_is_exact() -> None:
     """Random router at 0.25 in evaluation: sparse, same states as the forced dense path; a
-    learned router in training (straight-through gradients) or the old query bias: dense."""
+    binary straight-through route: sparse too; a soft route or the old query bias: dense."""
     torch.manual_seed(0)
     model = build_model("retr", N_ITEMS, {"hidden_size": D, "num_heads": 2, "max_len": N,
                                           "router": "random", "random_keep_prob": 0.25}).eval()
@@ -702,7 +769,8 @@ def test_pathway_attention_takes_the_sparse_path_only_when_it_is_exact() -> None
     dense = dense_model(seqs).hidden
     torch.testing.assert_close(sparse, dense)
     learned = build_model("retr", N_ITEMS, {"hidden_size": D, "num_heads": 2, "max_len": N}).train()
-    assert not learned.blocks[0].attn._sparse(route.requires_grad_(), real, False)
+    assert learned.blocks[0].attn._sparse(route.clone().requires_grad_(), real, False)
+    assert not learned.blocks[0].attn._sparse(route * 0.5, real, False)  # not binary
     old = build_model("retr", N_ITEMS, {"hidden_size": D, "num_heads": 2, "max_len": N,
                                         "query_bias": "always"}).eval()
     assert not old.blocks[0].attn._sparse(route.detach(), real, False)

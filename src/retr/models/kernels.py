@@ -96,17 +96,19 @@ def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed
 ATTENTION_CHUNK = 256  # on the CPU, windows longer than this attend in chunks of queries
 
 
-def _chunk_mask(real: torch.Tensor, causal: bool, rows: torch.Tensor) -> torch.Tensor:
-    """[B, 1, c, N] bool: which keys the queries at absolute positions ``rows`` [c] may read
-    (the rule of ``layers.attention_mask``, built for these rows only)."""
-    n = real.shape[1]  # the keys read (a causal chunk reads up to its last query)
-    keys = torch.arange(n, device=real.device)  # [N]
-    allowed = real[:, None, None, :]  # [B, 1, 1, N] real keys
+def query_mask(real: torch.Tensor, causal: bool, rows: torch.Tensor) -> torch.Tensor:
+    """[B, 1, c, K] bool: which of the first K keys the queries at absolute positions ``rows``
+    ([c], or [B, c] when each row's queries sit elsewhere) may read (the rule of
+    ``layers.attention_mask``, built for these rows only)."""
+    b, n = real.shape  # the keys read (a causal chunk reads up to its last query)
+    keys = torch.arange(n, device=real.device)  # [K]
+    at = rows.expand(b, -1) if rows.dim() == 1 else rows  # [B, c]
+    allowed = real[:, None, :]  # [B, 1, K] real keys
     if causal:
-        allowed = allowed & (keys[None, :] <= rows[:, None])  # [B, 1, c, N] k <= q
-    q_real = real[:, rows][:, None, :, None]  # [B, 1, c, 1]
-    eye = keys[None, :] == rows[:, None]  # [c, N]
-    return (q_real & allowed) | (~q_real & eye)
+        allowed = allowed & (keys[None, None, :] <= at[:, :, None])  # [B, c, K] k <= q
+    q_real = torch.gather(real, 1, at.clamp_max(n - 1))[:, :, None]  # [B, c, 1]
+    eye = keys[None, None, :] == at[:, :, None]  # [B, c, K]
+    return ((q_real & allowed) | (~q_real & eye))[:, None]  # [B, 1, c, K]
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -123,12 +125,13 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor,
-                causal: bool, p: float, seed: int, chunk: int) -> torch.Tensor:
+                causal: bool, p: float, seed: int, chunk: int,
+                rows: torch.Tensor | None) -> torch.Tensor:
         scale = 1.0 / math.sqrt(q.shape[-1])
         gen = torch.Generator(device=q.device).manual_seed(seed) if p > 0 else None
         y = torch.empty_like(q)  # [B, h, Nq, d/h]
         lse = q.new_empty(q.shape[:3])  # [B, h, Nq]
-        for start, stop, keys, mask in _chunks(q, k, real, causal, chunk):
+        for start, stop, keys, mask in _chunks(q, k, real, causal, chunk, rows):
             scores = torch.matmul(q[:, :, start:stop] * scale, k[:, :, :keys].transpose(-2, -1))
             scores.masked_fill_(~mask, float("-inf"))  # [B, h, c, K]
             row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, h, c, 1]
@@ -138,17 +141,17 @@ class _ChunkedAttention(torch.autograd.Function):
                 probs = probs.mul_(keep).mul_(1.0 / (1.0 - p))
             y[:, :, start:stop] = torch.matmul(probs, v[:, :, :keys])
             lse[:, :, start:stop] = row_lse.squeeze(-1)
-        ctx.save_for_backward(q, k, v, real, lse)
+        ctx.save_for_backward(q, k, v, real, lse, rows)
         ctx.causal, ctx.p, ctx.seed, ctx.chunk, ctx.scale = causal, p, seed, chunk, scale
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, real, lse = ctx.saved_tensors
+        q, k, v, real, lse, rows = ctx.saved_tensors
         p, scale = ctx.p, ctx.scale
         gen = torch.Generator(device=q.device).manual_seed(ctx.seed) if p > 0 else None
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for start, stop, keys, mask in _chunks(q, k, real, ctx.causal, ctx.chunk):
+        for start, stop, keys, mask in _chunks(q, k, real, ctx.causal, ctx.chunk, rows):
             qc, dyc, kc, vc = q[:, :, start:stop], dy[:, :, start:stop], k[:, :, :keys], \
                 v[:, :, :keys]
             scores = torch.matmul(qc * scale, kc.transpose(-2, -1))  # [B, h, c, K]
@@ -165,25 +168,55 @@ class _ChunkedAttention(torch.autograd.Function):
             ds = dp.sub_((dp * probs).sum(dim=-1, keepdim=True)).mul_(probs)  # softmax backward
             dq[:, :, start:stop] = torch.matmul(ds, kc).mul_(scale)
             dk[:, :, :keys] += torch.matmul(ds.transpose(-2, -1), qc).mul_(scale)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def _chunks(q: torch.Tensor, k: torch.Tensor, real: torch.Tensor, causal: bool,
-            chunk: int) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+def _chunks(q: torch.Tensor, k: torch.Tensor, real: torch.Tensor, causal: bool, chunk: int,
+            rows: torch.Tensor | None = None) -> Iterator[tuple[int, int, int, torch.Tensor]]:
     """(first query, end, keys read, mask [B, 1, c, keys]) per chunk of queries: the Nq queries
-    are the last Nq of the N key positions; a causal chunk reads keys up to its last query."""
+    are the last Nq of the N key positions, or at ``rows`` [B, Nq]; a causal chunk reads keys
+    up to its last query."""
     nq, n = q.shape[2], k.shape[2]
     for start in range(0, nq, chunk):
         stop = min(start + chunk, nq)
-        keys = n - nq + stop if causal else n
-        rows = torch.arange(n - nq + start, n - nq + stop, device=q.device)  # absolute
-        yield start, stop, keys, _chunk_mask(real[:, :keys], causal, rows)
+        if rows is None:
+            at = torch.arange(n - nq + start, n - nq + stop, device=q.device)  # [c] absolute
+            keys = n - nq + stop if causal else n
+        else:
+            at = rows[:, start:stop]  # [B, c]
+            keys = int(at.max()) + 1 if causal else n
+        yield start, stop, keys, query_mask(real[:, :keys], causal, at)
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor,
                       causal: bool, p: float = 0.0, seed: int = 0,
-                      chunk: int = ATTENTION_CHUNK) -> torch.Tensor:
+                      chunk: int = ATTENTION_CHUNK,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
     """Masked attention with dropout ``p`` on its weights, [B, h, Nq, d/h], in memory linear in
-    the window: the Nq queries are the last Nq of the N key positions, ``real`` [B, N] marks
-    real keys, and the dropout masks are drawn from ``seed``."""
-    return cast(torch.Tensor, _ChunkedAttention.apply(q, k, v, real, causal, p, seed, chunk))
+    the window: the Nq queries are the last Nq of the N key positions (or at the positions
+    ``rows`` [B, Nq]: gathered queries), ``real`` [B, N] marks real keys,
+    and the dropout masks are drawn from ``seed``."""
+    return cast(torch.Tensor, _ChunkedAttention.apply(q, k, v, real, causal, p, seed, chunk,
+                                                      rows))
+
+
+def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            chunk: int = 64) -> torch.Tensor:
+    """[B, h, N, d_v]: Σ_{j <= i} (q_i · k_j) v_j for every i, without an [N, N] matrix.
+
+    Chunks of ``chunk`` positions: inside a chunk the masked [c, c] products, across chunks the
+    running sum of k_j v_j^T ([d, d_v] per chunk). Time O(N c d + N d d_v), memory O(N c).
+    Zero the keys of padding positions to leave them out.
+    """
+    b, h, n, d = q.shape
+    pad = (-n) % chunk
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    m = (n + pad) // chunk
+    qc, kc, vc = (t.reshape(b, h, m, chunk, t.shape[-1]) for t in (q, k, v))  # [B, h, M, c, .]
+    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()  # [c, c] j <= i
+    local = (qc @ kc.transpose(-2, -1)).masked_fill_(~tril, 0.0) @ vc  # [B, h, M, c, d_v]
+    kv = kc.transpose(-2, -1) @ vc  # [B, h, M, d, d_v] per chunk
+    before = torch.cumsum(kv, dim=2) - kv  # [B, h, M, d, d_v] the earlier chunks' sum
+    out = local + qc @ before  # [B, h, M, c, d_v]
+    return out.reshape(b, h, m * chunk, -1)[:, :, :n]

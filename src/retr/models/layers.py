@@ -21,9 +21,11 @@ from retr.models.base import ModelOutput
 from retr.models.kernels import (
     ATTENTION_CHUNK,
     autocast_dtype,
+    causal_linear_attention,
     chunked_attention,
     dropout,
     dropout_attention,
+    query_mask,
 )
 
 
@@ -273,15 +275,20 @@ class MultiHeadAttention(nn.Module):
         self.out: nn.Module = nn.Linear(dim, dim) if out_proj else nn.Identity()
 
     def forward_active(self, query_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
-                       active: torch.Tensor) -> torch.Tensor:
-        """Output [B, N, d] when only the ``active`` [B, N] queries are real vectors and every
-        other query is exactly zero, computed without the zero queries' query-key products.
+                       route: torch.Tensor) -> torch.Tensor:
+        """Output [B, N, d] of pathway attention for a binary ``route`` [B, N] (Q = (R ⊙ Z) W_Q
+        with the bias routed too), computed without the off-route queries' query-key products.
 
-        A zero query scores every key alike, so its output is the plain mean of the values it
-        may read (its causal prefix, or all real keys): a running sum, no [N, N] work. The
-        active queries are gathered into [B, M] slots (M: the most active in a row) and attend
-        as usual. The zero queries' uniform weights get no attention dropout (their outputs
-        are the exact mean); the active ones get it as in :meth:`forward`.
+        An off-route query is zero, so it scores every key alike: its output is the plain mean
+        of the values it may read (its causal prefix, or all real keys), a running sum. The
+        on-route queries are gathered into [B, M] slots (M: the most in a row) and attend as
+        usual, in chunks of ``ATTENTION_CHUNK`` queries on a long window. The off-route queries'
+        uniform weights get no attention dropout (their outputs are the exact mean).
+
+        When the route carries a straight-through gradient, an off-route token's ∂y/∂R (at
+        R = 0: Σ_j p_j (k_j · q̃) (v_j - ȳ) / sqrt(d_h), q̃ the query it would form) comes
+        from a causal linear-attention sum, O(N d²) instead of O(N² d): the gradients equal
+        the dense path's (``tests/test_models.py``).
         """
         b, n, d = query_in.shape
         h, dh = self.heads, d // self.heads
@@ -294,29 +301,81 @@ class MultiHeadAttention(nn.Module):
         else:
             mean = ((v_flat * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
                     ).expand(b, n, d)
-        active = active & real
-        m = int(active.sum(dim=1).max()) if active.any() else 0
+        active = (route > 0.5) & real  # [B, N]
         y = mean  # [B, N, d] the zero queries' outputs
+        if route.requires_grad:  # the straight-through slope of the off-route tokens
+            off = (~active & real).to(route.dtype)  # [B, N]
+            slope = self._zero_query_slope(query_in, k, v, w, mean)  # [B, N, d], no grad
+            y = y + ((route - route.detach()) * off).unsqueeze(-1) * slope
+        m = int(active.sum(dim=1).max()) if active.any() else 0
         if m:
             positions = torch.arange(n, device=real.device).expand(b, n)
-            # the active positions first, in order; slots past a row's count repeat its last
+            # the active positions first, in order; the slots past a row's count are unused
             order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :m]  # [B, M]
             slot_on = torch.gather(active, 1, order)  # [B, M] slots holding an active query
             rows = torch.gather(positions, 1, order)  # [B, M] their positions
             q_in = torch.gather(query_in, 1, order.unsqueeze(-1).expand(b, m, d))  # [B, M, d]
-            q = self.query(q_in).view(b, m, h, dh).transpose(1, 2)  # [B, h, M, d/h]
-            keys = torch.arange(n, device=real.device)
-            allowed = real[:, None, :] & (keys[None, None, :] <= rows[:, :, None]
-                                          if self.causal else True)  # [B, M, N]
-            allowed = allowed | (keys[None, None, :] == rows[:, :, None])  # never an empty row
+            r = torch.gather(route, 1, order).unsqueeze(-1)  # [B, M, 1] 1 (carries ∂/∂R)
+            q = (r * self.query(q_in)).view(b, m, h, dh).transpose(1, 2)  # [B, h, M, d/h]
             p = self.dropout if self.training else 0.0
-            y_on = dropout_attention(q, k, v, allowed[:, None], p)  # [B, h, M, d/h]
+            if m > ATTENTION_CHUNK and q.device.type == "cpu" and \
+                    autocast_dtype("cpu") is None:
+                seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+                y_on = chunked_attention(q, k, v, real, self.causal, p, seed, ATTENTION_CHUNK,
+                                         rows=rows)  # [B, h, M, d/h]
+            else:
+                keys = torch.arange(n, device=real.device)
+                allowed = real[:, None, :] & (keys[None, None, :] <= rows[:, :, None]
+                                              if self.causal else True)  # [B, M, N]
+                allowed = allowed | (keys[None, None, :] == rows[:, :, None])  # never empty
+                y_on = dropout_attention(q, k, v, allowed[:, None], p)  # [B, h, M, d/h]
             y_on = y_on.transpose(1, 2).reshape(b, m, d) * slot_on.unsqueeze(-1)
             scatter = order.unsqueeze(-1).expand(b, m, d)
             keep = 1.0 - torch.zeros_like(y).scatter(1, scatter, slot_on.unsqueeze(-1).expand(
                 b, m, d).to(y.dtype))  # [B, N, d] 0 where an active output goes
-            y = (y * keep).scatter_add(1, scatter, y_on)
+            y = (y * keep).scatter_add(1, scatter, y_on.to(y.dtype))
         return self.out(y * real.unsqueeze(-1))
+
+    @torch.no_grad()
+    def _zero_query_slope(self, query_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          w: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """[B, N, d] ∂y_i/∂R_i at R_i = 0 for every token i (heads concatenated).
+
+        With a zero query the weights are uniform, p_j = 1/n_i over the n_i keys i may read, so
+        ∂y_i/∂R_i = (Σ_j (q̃_i · k_j) v_j - ȳ_i Σ_j q̃_i · k_j) / (n_i sqrt(d_h)). No gradient
+        flows into q̃, K or V through it: at R_i = 0 their exact contributions vanish.
+        """
+        b, n, d = query_in.shape
+        h, dh = self.heads, d // self.heads
+        q = self.query(query_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h] q̃
+        km = k * w.view(b, 1, n, 1)  # [B, h, N, d/h] padding keys left out
+        count = w.squeeze(-1)  # [B, N]
+        if self.causal:
+            num = causal_linear_attention(q, km, v)  # [B, h, N, d/h] Σ_{j<=i} (q̃_i·k_j) v_j
+            ksum = torch.cumsum(km, dim=2)  # [B, h, N, d/h]
+            count = torch.cumsum(count, dim=1)
+        else:
+            num = q @ (km.transpose(-2, -1) @ v)  # [B, h, N, d/h]
+            ksum = km.sum(dim=2, keepdim=True)
+            count = count.sum(dim=1, keepdim=True).expand(b, n)
+        total = (q * ksum).sum(-1, keepdim=True)  # [B, h, N, 1] Σ_j q̃_i · k_j
+        ybar = mean.view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
+        slope = (num - ybar * total) / (count.clamp_min(1.0)[:, None, :, None] * math.sqrt(dh))
+        return slope.transpose(1, 2).reshape(b, n, d)
+
+    def attention_weights(self, query_in: torch.Tensor, kv_in: torch.Tensor,
+                          real: torch.Tensor) -> torch.Tensor:
+        """[B, h, Nq, N] the attention weights alone (no dropout, no values), for the Nq
+        queries at the last Nq of the N key positions: what a teacher reads."""
+        b, nq, d = query_in.shape
+        n = kv_in.shape[1]
+        h, dh = self.heads, d // self.heads
+        q = self.query(query_in).view(b, nq, h, dh).transpose(1, 2)  # [B, h, Nq, d/h]
+        k = self.key(kv_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
+        allowed = query_mask(real, self.causal, torch.arange(n - nq, n, device=real.device))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(dh)  # [B, h, Nq, N]
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, 1, Nq, N] mask
+        return probs * real[:, None, n - nq:, None]  # padding queries have no distribution
 
     def forward(self, query_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
                 output_attentions: bool = False, query_gate: torch.Tensor | None = None,

@@ -231,7 +231,8 @@ def received_attention_loss(keep_logit: torch.Tensor, weights: torch.Tensor,
     window's real tokens; loss: their cross-entropy. A row with no later on-route query has
     no target and loss 0. weights [B, h, N, N] (query, key), the rest [B, N].
     ``source="last"``: the target is the attention of the window's last query alone (every
-    token up to and including itself), the query that scores the next item at test time.
+    token up to and including itself), the query that scores the next item at test time;
+    weights may then hold that query's row alone, [B, h, 1, N].
     """
     n = weights.shape[-1]
     att = weights.detach().mean(dim=1)  # [B, N(j), N(i)]
@@ -429,17 +430,17 @@ class PathwayAttention(nn.Module):
         self.router = router
 
     def _sparse(self, route: torch.Tensor, real: torch.Tensor, output_attentions: bool) -> bool:
-        """Whether to skip the off-route queries' work (ours; the same outputs, see
-        ``MultiHeadAttention.forward_active``): an off-route query must be exactly zero
-        (query_bias="on_route"), no weights asked for, no gradient needed through the route
-        (evaluation, serving, the random router: the straight-through gradient of a dropped
-        token needs its query-key products), and few enough tokens on the route
-        (``sparse_below``: above it the dense path is faster)."""
-        if output_attentions or route.requires_grad or exporting() or \
-                self.router.options.query_bias != "on_route":
+        """Whether to skip the off-route queries' work (ours; the same outputs and gradients,
+        see ``MultiHeadAttention.forward_active``): an off-route query must be exactly zero
+        (query_bias="on_route") and the route binary, no weights asked for, no export, and few
+        enough tokens on the route (``sparse_below``: above it the dense path is faster).
+        A straight-through route qualifies: its gradient comes from a linear-attention sum."""
+        if output_attentions or exporting() or self.router.options.query_bias != "on_route":
             return False
-        kept = float(route.sum()) / max(float(real.sum()), 1.0)
-        return kept < self.router.options.sparse_below
+        kept = float(route.detach().sum()) / max(float(real.sum()), 1.0)
+        if kept >= self.router.options.sparse_below:
+            return False
+        return bool(((route == 0) | (route == 1)).all())
 
     def forward(self, query_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
                 route_prev: torch.Tensor, output_attentions: bool = False,
@@ -448,7 +449,7 @@ class PathwayAttention(nn.Module):
         opts = self.router.options
         route, info, keep_logit = self.router(query_in, route_prev, real)  # [B, N]
         if self._sparse(route, real, output_attentions):
-            out = self.attention.forward_active(query_in, kv_in, real, route > 0.5)
+            out = self.attention.forward_active(query_in, kv_in, real, route)
             weights = None
         else:
             routed = route.unsqueeze(-1) * query_in  # [B, N, d] R^l ⊙ Z
@@ -459,9 +460,10 @@ class PathwayAttention(nn.Module):
         if self.training and opts.budget:
             aux = self.router.budget_penalty(info.sample_prob, route_prev, real)  # [B]
         if self.training and opts.router_target == "attention" and keep_logit is not None:
-            with torch.no_grad():  # the teacher: every query on the route
-                _, teacher = self.attention(query_in, kv_in, real, True)  # [B, h, N, N]
-            assert teacher is not None
+            with torch.no_grad():  # the teacher: every query on the route (the last one alone
+                last = opts.distill_source == "last"  # is O(N) where all of them are O(N²))
+                teacher = self.attention.attention_weights(
+                    query_in[:, -1:] if last else query_in, kv_in, real)  # [B, h, 1|N, N]
             aux = opts.distill_weight * received_attention_loss(
                 keep_logit, teacher, real.to(route.dtype), real, opts.distill_source)
         if not output_attentions:
