@@ -9,8 +9,10 @@ directory that bench_speed prepared:
 - ``valid.npz``: users [U], targets [U], negatives [U, 100] (external ids);
 - ``latency_users.npy``: users whose training history is the single-request workload.
 
-Prints one JSON object: per-epoch training seconds and validation sampled NDCG@10, top-10
-full-ranking time over every user, and single-history latencies.
+Prints one JSON object: per-epoch training seconds and validation sampled NDCG@10, the
+validation NDCG@10 over all items (history excluded) at the end of the budget, top-10
+full-ranking time over every user, single-history latencies, and for a retr model with a
+router its inference keep rate per layer.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ def sampled_ndcg10(scores: np.ndarray, target_col: np.ndarray, neg_cols: np.ndar
     t = scores[rows[:, 0], target_col][:, None]  # [U, 1]
     neg = scores[rows, neg_cols]  # [U, 100]
     rank = (neg > t).sum(1) + 0.5 * (neg == t).sum(1)  # 0-based expected rank
+    gain = np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
+    return float(gain.mean())
+
+
+def full_ndcg10(scores: np.ndarray, target_col: np.ndarray, seen: list[np.ndarray]) -> float:
+    """Mean NDCG@10 of the target among all items, each user's training items excluded;
+    ties count half (a constant scorer lands at the middle of the catalogue)."""
+    scores = scores.astype(np.float64)  # a copy: the history is masked in place
+    for row, cols in enumerate(seen):
+        scores[row, cols[cols != target_col[row]]] = -np.inf
+    t = scores[np.arange(len(scores)), target_col][:, None]  # [U, 1]
+    rank = (scores > t).sum(1) + 0.5 * ((scores == t).sum(1) - 1)  # 0-based expected rank
     gain = np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
     return float(gain.mean())
 
@@ -241,6 +255,12 @@ class RetrSide:
                                      "num_layers": args.layers, "max_len": args.max_len}
         if args.model == "retr":
             model_cfg["ffn_size"] = args.hidden
+        for item in args.set:  # model keys, e.g. keep_target=0.25 (values as JSON, else text)
+            key, _, value = item.partition("=")
+            try:
+                model_cfg[key] = json.loads(value)
+            except json.JSONDecodeError:
+                model_cfg[key] = value
         self.cfg = retr.RunConfig.from_dict({
             "seed": args.seed, "model": {"name": args.model, **model_cfg},
             "data": {"min_user_interactions": 0, "min_item_interactions": 0},
@@ -285,6 +305,38 @@ class RetrSide:
                     h, torch.arange(1, self.dataset.n_items + 1)).numpy())
         return np.concatenate(out)
 
+    def keep_rates(self, users: np.ndarray, sample: int = 512, batch: int = 64) -> list[float]:
+        """Share of the real window tokens on the inference route, per layer ([] without a
+        router), over ``sample`` of ``users`` (seeded). The routes are read by forward hooks on
+        the routed attention modules: no attention weights, so no [N, N] memory."""
+        import torch
+
+        layers = [m for m in self.model.modules()  # the routed attentions: (y, w, R, info)
+                  if getattr(m, "routed", False) and hasattr(m, "router")]
+        if not layers:
+            return []
+        seen: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out[2]))
+                 for m in layers]
+        ids = np.random.default_rng(0).permutation(self._ids(users))[:sample]
+        kept, real = [0.0] * len(layers), 0.0
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(ids), batch):
+                    u = ids[start:start + batch]
+                    seqs = torch.from_numpy(self.dataset.padded_prefixes(
+                        u, self.dataset.lengths[u], self.model.max_len))
+                    seen.clear()
+                    self.model(seqs)
+                    on = seqs > 0
+                    kept = [a + float((r > 0.5)[on].sum()) for a, r in zip(kept, seen, strict=True)]
+                    real += float(on.sum())
+        finally:
+            for h in hooks:
+                h.remove()
+        return [round(k / max(real, 1.0), 4) for k in kept]
+
     def _recommender(self) -> Any:
         import retr
 
@@ -323,6 +375,10 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--max-len", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="retr: a model config key (repeatable)")
+    p.add_argument("--no-stop", action="store_true",
+                   help="train the whole budget even once the target is reached")
     args = p.parse_args()
     work = args.work
     t0 = time.perf_counter()
@@ -349,7 +405,15 @@ def main() -> None:
         print(json.dumps(epochs[-1]), file=sys.stderr, flush=True)
         if reached is None and ndcg >= args.target:
             reached = round(trained, 1)
-            break
+            if not args.no_stop:
+                break
+    history = pd.read_csv(work / "train.csv")
+    history = history[history["user_id"].isin(users)]
+    row_of = {u: i for i, u in enumerate(users)}
+    seen: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(users)
+    for user, items in history.groupby("user_id")["item_id"]:
+        seen[row_of[user]] = columns_of(side.items, items.to_numpy())
+    full = full_ndcg10(side.scores(users), target_cols, seen)
     t = time.perf_counter()
     side.topk_all(users)
     full_s = time.perf_counter() - t
@@ -363,7 +427,10 @@ def main() -> None:
         done = sum(e["fraction_of_epoch"] for e in epochs)
         extra = {"samples_per_epoch": side.samples_per_epoch,
                  "epoch_seconds_estimate": round(trained / done, 1) if done else None}
+    if isinstance(side, RetrSide):
+        extra["route_keep"] = side.keep_rates(users)
     print(json.dumps({**extra, "setup_seconds": round(setup_s, 1), "epochs": epochs,
+                      "valid_full_ndcg10": round(full, 4),
                       "train_seconds": round(trained, 1), "time_to_target_seconds": reached,
                       "full_ranking_seconds": round(full_s, 3), "users": int(len(users)),
                       "latency": _percentiles(lat[5:])}))
