@@ -316,6 +316,91 @@ def speed_section(path: Path) -> list[str]:
     return lines + [""]
 
 
+def long_history_section(results_dir: Path) -> list[str]:
+    """Windows of 200 to 2,048 (``benchmarks.long_history``), the goals at N = 1,024, and the
+    memory and sparse-path measurements behind them when present."""
+    data = json.loads((results_dir / "long_history.json").read_text())
+    rows = sorted(data["rows"], key=lambda r: (r["max_len"], r["label"].startswith("RecTools"),
+                                               r["label"]))
+    lines = [text("long", minutes=data["minutes"], hidden=data["hidden"], batch=data["batch"]),
+             "", "| N | implementation | s/epoch | tokens/s | vs retr SASRec | epochs in budget | "
+             "valid NDCG@10 (all items) at the budget | full-ranking users/s | single-history "
+             "p50 / p99 ms | peak RSS MB | inference keep per layer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {r["max_len"]: r for r in rows if r["label"] == "retr SASRec" and "failed" not in r}
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['max_len']} | {r['label']} | failed: {r['failed']} |"
+                         + " - |" * 8)
+            continue
+        ref = base.get(r["max_len"])
+        ratio = f"{r['tokens_per_second'] / ref['tokens_per_second']:.2f}x" if ref else "-"
+        keep = " / ".join(f"{k:.2f}" for k in r["route_keep"]) or "-"
+        lines.append(f"| {r['max_len']} | {r['label']} | {r['seconds_per_epoch']} | "
+                     f"{r['tokens_per_second']} | {ratio} | {r['epochs_in_budget']} | "
+                     f"{r['valid_full_ndcg10']:.4f} | {r['full_ranking_users_per_second']} | "
+                     f"{r['latency_p50_ms']} / {r['latency_p99_ms']} | {r['peak_rss_mb']} | "
+                     f"{keep} |")
+    lines += ["", *long_history_goals(rows),
+              text("long-commands", command=data["command"], code=data["code"],
+                   machine=data["machine"]), ""]
+    memory = results_dir / "attention_memory.json"
+    if memory.exists():
+        mem = json.loads(memory.read_text())
+        lines += [text("long-memory", command=mem["command"]), "",
+                  "| N | path | step s | peak RSS growth MB |", "|---|---|---|---|"]
+        lines += [f"| {r['N']} | {r['path']} | {r['seconds']} | {r['peak_rss_growth_mb']} |"
+                  for r in mem["rows"]]
+        lines.append("")
+    sparse = results_dir / "pathway_speed.json"
+    if sparse.exists():
+        sp = json.loads(sparse.read_text())
+        by = {(r["N"], r["keep"], r["path"]): r for r in sp["rows"]}
+        lines += [text("long-sparse", command=sp["command"], batch=sp["batch"]), "",
+                  "| N | keep | training step dense / sparse s | speed-up | evaluation forward "
+                  "dense / sparse s | speed-up |", "|---|---|---|---|---|---|"]
+        for (n, keep, path), r in sorted(by.items()):
+            if path != "sparse" or (n, keep, "dense") not in by:
+                continue
+            d = by[(n, keep, "dense")]
+            lines.append(f"| {n} | {keep} | {d['train_step_seconds']} / "
+                         f"{r['train_step_seconds']} | "
+                         f"{d['train_step_seconds'] / r['train_step_seconds']:.2f}x | "
+                         f"{d['eval_forward_seconds']} / {r['eval_forward_seconds']} | "
+                         f"{d['eval_forward_seconds'] / r['eval_forward_seconds']:.2f}x |")
+        lines.append("")
+    return lines
+
+
+def long_history_goals(rows: list[dict[str, Any]], n: int = 1024) -> list[str]:
+    """The long-history goals at N = ``n``: RETR at ρ = 0.25 against SASRec and RecTools."""
+    at = {r["label"]: r for r in rows if r["max_len"] == n and "failed" not in r}
+    ours = next((r for label, r in at.items() if "0.25" in label), None)
+    sasrec, peer = at.get("retr SASRec"), at.get("RecTools 0.19 SASRec")
+    if ours is None or sasrec is None:
+        return []
+    lines = [text("long-goals", n=n), "", "| goal | measured | met |", "|---|---|---|"]
+
+    def add(goal: str, measured: str, met: bool) -> None:
+        lines.append(f"| {goal} | {measured} | {'yes' if met else 'no'} |")
+
+    ratio = ours["tokens_per_second"] / sasrec["tokens_per_second"]
+    add("training tokens/s ≥ 1.5x SASRec's", f"{ours['tokens_per_second']} vs "
+        f"{sasrec['tokens_per_second']}: {ratio:.2f}x", ratio >= 1.5)
+    if peer is not None:
+        ratio = ours["tokens_per_second"] / peer["tokens_per_second"]
+        add("training tokens/s ≥ 5x RecTools'", f"{ours['tokens_per_second']} vs "
+            f"{peer['tokens_per_second']}: {ratio:.1f}x", ratio >= 5)
+    others = [r for r in (sasrec, peer) if r is not None]
+    add("peak memory below " + " and ".join(r["label"] for r in others),
+        " vs ".join(f"{r['peak_rss_mb']} MB" for r in (ours, *others)),
+        all(ours["peak_rss_mb"] < r["peak_rss_mb"] for r in others))
+    add("validation NDCG@10 (all items) at the budget no worse than SASRec's",
+        f"{ours['valid_full_ndcg10']:.4f} vs {sasrec['valid_full_ndcg10']:.4f}",
+        ours["valid_full_ndcg10"] >= sasrec["valid_full_ndcg10"])
+    return lines + [""]
+
+
 def speed_curves(data: dict[str, Any], out: Path) -> bool:
     """Validation sampled NDCG@10 against cumulative training seconds, one line per run."""
     try:
@@ -443,6 +528,8 @@ def build(records: list[dict[str, Any]], results_dir: Path,
         lines += params_section(results_dir / "params_flops.json")
     if (results_dir / "speed.json").exists():
         lines += speed_section(results_dir / "speed.json")
+    if (results_dir / "long_history.json").exists():
+        lines += long_history_section(results_dir)
     return "\n".join(lines).rstrip() + "\n"
 
 
