@@ -139,10 +139,27 @@ def metric_values(rs: list[dict[str, Any]], protocol: str, metric: str) -> list[
     return out
 
 
+def route_keep(rs: list[dict[str, Any]]) -> str:
+    """Keep rate per layer of a router model's test route, mean over the seeds that recorded
+    it: "inference (training draw)" per layer; "-" for a model without a router."""
+    stats = [r["results"]["routes"] for r in rs if (r["results"].get("routes") or {}).get("layers")]
+    if not stats:
+        routed = rs[0]["results"].get("model") == "retr" or "pathway" in rs[0]["label"]
+        return "not recorded" if routed else "-"
+    layers = len(stats[0]["layers"])
+    cells = []
+    for i in range(layers):
+        inf = statistics.fmean(s["layers"][i]["keep_rate"] for s in stats)
+        drawn = statistics.fmean(s["layers"][i]["keep_rate_sampled"] for s in stats)
+        cells.append(f"{inf:.2f} ({drawn:.2f})")
+    return " / ".join(cells) + ("" if len(stats) == len(rs) else f" ({len(stats)} seeds)")
+
+
 def table(groups: dict[str, list[dict[str, Any]]], protocol: str) -> list[str]:
     lines = ["| run | dataset | seeds | candidates | " + " | ".join(METRICS)
-             + " | epochs run / cap; how it stopped | train s/epoch (median) | command (first seed) |",
-             "|---|---|---|---|" + "---|" * len(METRICS) + "---|---|---|"]
+             + " | route keep per layer: inference (training draw) | epochs run / cap; how it "
+             "stopped | train s/epoch (median) | command (first seed) |",
+             "|---|---|---|---|" + "---|" * len(METRICS) + "---|---|---|---|"]
     for label, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["seed"])
         candidates = "all items"
@@ -159,7 +176,7 @@ def table(groups: dict[str, list[dict[str, Any]]], protocol: str) -> list[str]:
         budget = f"{epochs:.0f} / {_cap(rs[0])}{_stops(rs)}" if epochs else "no training"
         lines.append(f"| {label} | {rs[0]['results']['dataset']} | {seeds} | {candidates} | "
                      + " | ".join(_fmt(metric_values(rs, protocol, m)) for m in METRICS)
-                     + f" | {budget} | {per_epoch} | "
+                     + f" | {route_keep(rs)} | {budget} | {per_epoch} | "
                      f"`{rs[0]['command']}` |")
     return lines
 
