@@ -113,6 +113,36 @@ def test_causal_in_training_mode_with_router_and_dropout(key: str) -> None:
             assert_prefix_equal(base, run(model, change_at(seqs, j), seed=7), j)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_sparse_path_never_looks_ahead(training: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budgeted RETR that drops most tokens takes the sparse path (in training with its
+    straight-through route too), with its kept queries in chunks: changing a future item never
+    changes an earlier state. No attention dropout: with it, the draws' layout follows the
+    number of kept queries, as it follows the length groups."""
+    import retr.models.layers as layers
+
+    monkeypatch.setattr(layers, "ATTENTION_CHUNK", 2)
+    calls = []
+    active = layers.MultiHeadAttention.forward_active
+    monkeypatch.setattr(layers.MultiHeadAttention, "forward_active",
+                        lambda self, *a: calls.append(1) or active(self, *a))
+    model = tiny("retr", dropout=0.0, keep_target=0.25, keep_weight=1.0, omega_floor=0.1,
+                 inference_rule="threshold").train(training)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.router.keep_mlp[-1].bias.copy_(torch.tensor([0.8, -0.8]))
+            if block.attn.router.threshold is not None:
+                block.attn.router.threshold.fill_(1.0)
+    seqs = batch()
+    with torch.no_grad():
+        base = run(model, seqs, seed=7, attentions=False)
+        assert calls
+        for j in range(1, N):
+            changed = run(model, change_at(seqs, j), seed=7, attentions=False)
+            torch.testing.assert_close(base.hidden[:, :j], changed.hidden[:, :j], rtol=0,
+                                       atol=1e-5)
+
+
 def test_global_pooling_leaks_the_future_into_earlier_routes() -> None:
     """The paper's literal pool lets item j change α_t for t < j; the causal pool does not."""
     seqs = batch()
