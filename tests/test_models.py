@@ -516,11 +516,22 @@ def test_user_representation_is_the_full_forward_at_the_last_position(key: str) 
     torch.testing.assert_close(h, full, rtol=1e-5, atol=1e-6)
 
 
-def test_last_only_refuses_pathway_attention() -> None:
-    block = tiny("sasrec_pathway").blocks[-1]
+@pytest.mark.parametrize("key", ["sasrec_pathway", "retr"])
+def test_last_only_pathway_block_reads_every_token(key: str) -> None:
+    """A routed block asked for the last position alone answers [B, 1, d], equal to the full
+    block's last row, and its router still reads the earlier tokens."""
+    block = tiny(key).blocks[-1].eval()
     x = torch.randn(2, 5, D)
-    with pytest.raises(ValueError, match="last_only needs self-attention"):
-        block(x, torch.ones(2, 5, dtype=torch.bool), last_only=True)
+    real = torch.ones(2, 5, dtype=torch.bool)
+    route = torch.ones(2, 5)
+    with torch.no_grad():
+        full = block(x, real, route).x
+        last = block(x, real, route, last_only=True)
+        moved = block(torch.cat([x[:, :1] + 1.0, x[:, 1:]], dim=1), real, route,
+                      last_only=True).x
+    assert last.x.shape == (2, 1, D) and last.route is not None and last.route.shape == (2, 1)
+    torch.testing.assert_close(last.x, full[:, -1:], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(moved, last.x)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -334,3 +334,43 @@ def test_last_query_distillation_target_is_the_last_querys_attention() -> None:
     later = received_attention_loss(logit, weights, route, real)
     log_q = logit.log_softmax(1)[0]
     torch.testing.assert_close(later[0], -(4 / 7 * log_q[0] + 3 / 7 * log_q[2]))
+
+
+# ---------------------------------------------------------------- the last position alone
+
+
+@pytest.mark.parametrize(("name", "overrides"), [
+    ("retr", {}),
+    ("retr", {"route_sample": "weighted"}),
+    ("retr", {"gumbel": "fixed", "tau": 0.5}),
+    ("retr", {"pooling": "global", "hierarchical": False}),
+    ("retr", {"query_bias": "always"}),
+    ("retr", BUDGET),
+    ("retr", {**BUDGET, "inference_rule": "threshold", "route_sample": "weighted"}),
+    ("retr", THRESHOLD),
+    ("retr", {"router": "random", "random_keep_prob": 0.4}),
+    ("retr", {"inference_route": "sample"}),
+    ("retr", {"layout": "prenorm", "norm_type": "rmsnorm", "residual": "gated"}),
+    ("sasrec", {"attention": "pathway"}),
+    ("bert4rec", {"attention": "pathway"}),
+])
+def test_last_position_alone_equals_the_full_forward(name: str, overrides: dict[str, Any]) -> None:
+    """Serving computes the last block for the last position only (its router still reads every
+    token): the same user state as the full forward's last position, for every routing rule."""
+    fields = {k: v for k, v in TINY.items() if name == "retr" or k != "ffn_size"}
+    torch.manual_seed(0)
+    model = build_model(name, N_ITEMS, {**fields, "max_len": N, **overrides}).eval()
+    for m in model.modules():  # a calibrated threshold that keeps some tokens and drops others
+        if isinstance(m, PathwayRouter) and m.threshold is not None:
+            m.threshold.fill_(0.0)
+    seqs = batch()
+    with torch.no_grad():
+        torch.manual_seed(4)
+        state = model.user_representation(seqs)  # [B, d]
+        torch.manual_seed(4)
+        if name == "bert4rec":  # the same input: the window slid by one, [mask] appended
+            mask_col = torch.full_like(seqs[:, :1], model.mask_id)
+            full = model(torch.cat([seqs[:, 1:], mask_col], dim=1)).hidden[:, -1]
+        else:
+            full = model(seqs).hidden[:, -1]
+    torch.testing.assert_close(state, full, rtol=1e-5, atol=1e-6)

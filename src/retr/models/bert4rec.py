@@ -140,13 +140,13 @@ class BERT4Rec(SequentialRecommender):
     def forward(self, seqs: torch.Tensor, output_attentions: bool = False,
                 last_only: bool = False) -> ModelOutput:
         """``last_only``: hidden [B, 1, d+1] of the last position alone (the last block computes
-        no other query); with pathway attention every position is computed regardless."""
+        no other query; with pathway attention its router still reads every token)."""
         real = seqs != 0  # [B, N] items and [mask] are real; padding is not
         x = self.item_embedding(seqs) + self.position(seqs.shape[1])  # [B, N, d] h^0
         x = self.dropout(self.embed_norm(x))  # [B, N, d]
         route = real.to(x.dtype) if self.config.attention == "pathway" else None  # R^0
         outs = []
-        last = last_only and self.config.attention == "self"
+        last = last_only and not output_attentions
         for i, block in enumerate(self.blocks):
             out = block(x, real, route, output_attentions,
                         last_only=last and i == len(self.blocks) - 1)

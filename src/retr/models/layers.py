@@ -482,12 +482,16 @@ class TransformerBlock(nn.Module):
         return out if self.gates is None else torch.sigmoid(self.gates[i](normed)) * out
 
     def _attend(self, q_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
-                route: torch.Tensor | None, output_attentions: bool) -> tuple[
-                    torch.Tensor, torch.Tensor | None, torch.Tensor | None, RouteInfo | None]:
+                route: torch.Tensor | None, output_attentions: bool, last_only: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                           RouteInfo | None]:
+        """Attention of the ``q_in`` queries; a routed attention with ``last_only`` takes every
+        query (its router reads them all) and answers for the last one alone."""
         if self.routed:
             if route is None:
                 route = real.to(q_in.dtype)  # R^0 = 1 on every real token
-            out, weights, route, info = self.attn(q_in, kv_in, real, route, output_attentions)
+            out, weights, route, info = self.attn(q_in, kv_in, real, route, output_attentions,
+                                                  last_only=last_only)
             return out, weights, route, info
         out, weights = self.attn(q_in, kv_in, real, output_attentions)
         return out, weights, route, None
@@ -497,25 +501,29 @@ class TransformerBlock(nn.Module):
         """x [B, N, d], real [B, N], route R^{l-1} [B, N] (pathway) -> BlockOutput.
 
         ``last_only``: only the last position is computed (x [B, 1, d] out), for a last block
-        whose other outputs nobody reads; self-attention only (a route needs every token).
+        whose other outputs nobody reads (with pathway attention its router still reads every
+        token, and the route out is the last position's).
         """
-        if last_only and self.routed:
-            raise ValueError("last_only needs self-attention: the router reads every token")
+        routed_last = last_only and self.routed  # the router reads every query input
         xq = x[:, -1:] if last_only else x  # the positions whose output is computed
         if self.norm == "post":
-            a, weights, route, info = self._attend(xq, x, real, route, output_attentions)
+            a, weights, route, info = self._attend(x if routed_last else xq, x, real, route,
+                                                   output_attentions, last_only)
             x = self.ln1(xq + self.dropout(a))  # [B, N, d] Ẑ = LN(Attn(Z) + Z)
             x = self.ln2(x + self.ffn(x))  # [B, N, d] Z' = LN(FFN(Ẑ) + Ẑ)
         elif self.norm == "pre":
-            q = self.ln1(xq)  # [B, N, d] layer-normed queries
-            a, weights, route, info = self._attend(q, x, real, route, output_attentions)
+            q = self.ln1(x if routed_last else xq)  # [B, N, d] layer-normed queries
+            a, weights, route, info = self._attend(q, x, real, route, output_attentions,
+                                                   last_only)
+            q = q[:, -1:] if routed_last else q
             x = q + self._gate(0, q, a)  # [B, N, d]
             h = self.ln2(x)  # [B, N, d]
             x = h + self._gate(1, h, self.ffn(h))  # [B, N, d]
         else:
             normed = self.ln1(x)  # [B, N, d] queries, keys and values read LN(Z)
             q = normed[:, -1:] if last_only else normed
-            a, weights, route, info = self._attend(q, normed, real, route, output_attentions)
+            a, weights, route, info = self._attend(normed if routed_last else q, normed, real,
+                                                   route, output_attentions, last_only)
             x = xq + self.dropout(self._gate(0, q, a))  # [B, N, d]
             h = self.ln2(x)  # [B, N, d]
             x = x + self._gate(1, h, self.ffn(h))  # [B, N, d]

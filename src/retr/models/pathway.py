@@ -297,6 +297,46 @@ class PathwayRouter(nn.Module):
         """The host model's ``init_weights`` re-draws the router's own initialisation."""
         self.reset_parameters()
 
+    def last_route(self, z: torch.Tensor, route_prev: torch.Tensor,
+                   real: torch.Tensor) -> torch.Tensor:
+        """R^l [B, 1] of the last token alone, as :meth:`forward` decides it in evaluation.
+
+        Its decision reads its own keep probability and the pool of the on-route tokens up to
+        it (the whole window): O(N d) instead of the router's MLPs over every token. Rules that
+        read other tokens' scores (the causal top-k), training-style draws and the random router
+        take the full router and keep its last column.
+        """
+        opts = self.options
+        sampling = self.training or self.sample_routes or opts.inference_route == "sample"
+        if sampling or opts.inference_rule == "topk" or self.context_mlp is None \
+                or self.keep_mlp is None:
+            return self.forward(z, route_prev, real)[0][:, -1:]
+        mask = real[:, -1:].to(z.dtype)  # [B, 1]
+        base = route_prev[:, -1:] if opts.hierarchical else mask  # [B, 1]
+        w = route_prev.unsqueeze(-1)  # [B, N, 1]
+        if opts.pooling == "causal":  # the prefix pool at the last step: every on-route token
+            context = (w * z).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
+        else:
+            context = pool_on_route(z, route_prev, opts.pooling)  # [B, 1, d]
+        z_last = z[:, -1:]  # [B, 1, d]
+        z_emb = z_last + z_last * self.context_mlp(context)  # [B, 1, d]
+        log_pi = F.log_softmax(self.keep_mlp(z_emb), dim=-1)  # [B, 1, 2]
+        if self.threshold is not None:  # the calibrated threshold on the sampling score
+            if opts.route_sample == "weighted" and self.omega_mlp is not None:
+                omega = opts.omega_floor + F.relu(self.omega_mlp(z_emb))  # [B, 1, 1]
+                scaled = omega * log_pi
+                score = scaled[..., 1] - scaled[..., 0]
+            else:
+                score = log_pi[..., 1] - log_pi[..., 0]  # [B, 1]
+            sample = (score >= self.threshold).to(z.dtype)
+        elif opts.route_sample == "paper" or self.omega_mlp is None:
+            sample = (log_pi[..., 1] >= log_pi[..., 0]).to(z.dtype)  # α >= 1/2
+        else:
+            omega = opts.omega_floor + F.relu(self.omega_mlp(z_emb))  # [B, 1, 1]
+            scaled = omega * log_pi
+            sample = (scaled[..., 1] >= scaled[..., 0]).to(z.dtype)
+        return sample * base * mask  # [B, 1]
+
     def forward(self, z: torch.Tensor, route_prev: torch.Tensor,
                 real: torch.Tensor) -> tuple[torch.Tensor, RouteInfo, torch.Tensor | None]:
         """z [B, N, d], route_prev R^{l-1} [B, N] (0/1), real [B, N] -> (R^l [B, N], RouteInfo
@@ -444,9 +484,21 @@ class PathwayAttention(nn.Module):
 
     def forward(self, query_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
                 route_prev: torch.Tensor, output_attentions: bool = False,
+                last_only: bool = False,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, RouteInfo]:
-        """-> (output [B, N, d], weights [B, h, N, N] | None, route R^l [B, N], RouteInfo)."""
+        """-> (output [B, N, d], weights [B, h, N, N] | None, route R^l [B, N], RouteInfo).
+
+        ``last_only``: the output [B, 1, d] and route [B, 1] of the last position alone (the
+        router still reads every token), for a last block whose other outputs nobody reads.
+        """
         opts = self.router.options
+        if last_only:
+            route = self.router.last_route(query_in, route_prev, real)  # [B, 1]
+            gate = route if opts.query_bias == "on_route" else None
+            out, _ = self.attention(route.unsqueeze(-1) * query_in[:, -1:], kv_in, real,
+                                    query_gate=gate)  # [B, 1, d]
+            nothing = torch.zeros_like(route)
+            return out, None, route, RouteInfo(nothing, nothing, None, None)
         route, info, keep_logit = self.router(query_in, route_prev, real)  # [B, N]
         if self._sparse(route, real, output_attentions):
             out = self.attention.forward_active(query_in, kv_in, real, route)

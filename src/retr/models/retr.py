@@ -99,7 +99,10 @@ class RETR(SequentialRecommender):
             self.final_norm = make_norm(cfg.block.norm_type, d, 1e-8)
         init_weights(self, "normal", cfg.init_std)
 
-    def forward(self, seqs: torch.Tensor, output_attentions: bool = False) -> ModelOutput:
+    def forward(self, seqs: torch.Tensor, output_attentions: bool = False,
+                last_only: bool = False) -> ModelOutput:
+        """``last_only``: hidden [B, 1, d] of the last position alone (the last block's router
+        reads every token; its attention and FFN compute the last position only)."""
         real = seqs != 0  # [B, N] padding never routed, pooled or attended
         # Inputs: X = E[s] + P, Z^0 = X (padding rows zeroed), R^0 = 1 on real tokens
         z = self.item_embedding(seqs) + self.position(seqs.shape[1])  # [B, N, d]
@@ -108,14 +111,21 @@ class RETR(SequentialRecommender):
         route = real.to(z.dtype)  # [B, N] R^0
         # Blocks l = 1..L: Ẑ, R^l = PathMSA(Z, R^{l-1}); post-LN residuals and FFN
         outs = []
-        for block in self.blocks:
-            out = block(z, real, route, output_attentions)
+        last = last_only and not output_attentions
+        for i, block in enumerate(self.blocks):
+            final = last and i == len(self.blocks) - 1
+            if final:
+                mask = mask[:, -1:]  # [B, 1, 1] from here on only the last position
+            out = block(z, real, route, output_attentions, last_only=final)
             z, route = out.x, out.route  # [B, N, d], [B, N]
             outs.append(out)
         if self.final_norm is not None:
             z = self.final_norm(z)
         hidden = z * mask  # [B, N, d] Z^L; score(k, t) = e_k · Z^L_t
         return collect_output(hidden, outs, output_attentions)
+
+    def user_representation(self, seqs: torch.Tensor) -> torch.Tensor:
+        return self.forward(seqs, last_only=True).hidden[:, -1]  # [B, d]
 
     def item_representation(self, items: torch.Tensor) -> torch.Tensor:
         return self.item_embedding(items)  # [..., d] e_k, the input table itself

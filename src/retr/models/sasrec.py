@@ -95,7 +95,7 @@ class SASRec(SequentialRecommender):
     def forward(self, seqs: torch.Tensor, output_attentions: bool = False,
                 last_only: bool = False) -> ModelOutput:
         """``last_only``: hidden [B, 1, d] of the last position alone (the last block computes
-        no other query); with pathway attention every position is computed regardless."""
+        no other query; with pathway attention its router still reads every token)."""
         real = seqs != 0  # [B, N]
         # embedding layer: item embedding scaled by sqrt(d) plus learnable positions
         x = self.item_embedding(seqs) * math.sqrt(self.config.hidden_size)  # [B, N, d]
@@ -104,7 +104,7 @@ class SASRec(SequentialRecommender):
         x = self.dropout(x) * mask  # [B, N, d] padding rows zeroed
         route = real.to(x.dtype) if self.config.attention == "pathway" else None  # R^0
         outs = []
-        last = last_only and self.config.attention == "self"
+        last = last_only and not output_attentions
         for i, block in enumerate(self.blocks):
             final = last and i == len(self.blocks) - 1
             if final:
