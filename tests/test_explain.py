@@ -156,3 +156,45 @@ def test_deletion_test_reports_every_method(tmp_path):
         for part in ("top", "bottom"):
             assert 0.0 <= method[part]["HR@10"] <= 1.0
             assert 0.0 <= method[part]["mean_log2_rank"] <= np.log2(dataset.n_items)
+
+
+def test_relied_on_names_its_method_and_ranks_the_history(retr_rec):
+    """By default the top recommendation's gradient x input (the method that measured best for
+    the paper's router), the same numbers as the deletion test's; the other methods on request,
+    each ranking exactly the window's behaviors."""
+    from retr.explain.deletion import gradient_x_input
+
+    history = [f"m{i}" for i in (3, 1, 4, 7, 5, 9)]
+    out = explain_history(retr_rec, history, k=3)
+    relied = out["relied_on"]
+    assert relied["method"] == "gradient" and "deletion test" in relied["why"]
+    assert relied["target"] == out["recommendations"][0]["item"]
+    assert sorted(relied["items"]) == sorted(history)
+    assert relied["scores"] == sorted(relied["scores"], reverse=True)
+    enc = retr_rec.encode(history)
+    seqs = retr_rec.padded([enc])
+    target = torch.as_tensor(retr_rec.encode([relied["target"]]).ids)
+    expected = gradient_x_input(retr_rec.model, seqs, target)[0, -len(history):]
+    by_item = dict(zip(relied["items"], relied["scores"], strict=True))
+    np.testing.assert_allclose([by_item[h] for h in history], expected.numpy(), atol=1e-5)
+    assert all(p.grad is None for p in retr_rec.model.parameters())  # nothing left behind
+    for method in ("attention", "route"):
+        other = explain_history(retr_rec, history, k=3, by=method)["relied_on"]
+        assert other["method"] == method and sorted(other["items"]) == sorted(history)
+    with pytest.raises(Exception, match="explanation method must be one of"):
+        explain_history(retr_rec, history, by="saliency")
+
+
+def test_relied_on_follows_the_model():
+    """A router distilled from attention explains by the last query's attention; a model
+    without a router has no route to rank by; BERT4Rec ranks its history, not [mask]."""
+    distilled = _model_or_skip("retr", hidden_size=16, num_heads=2, num_layers=2, max_len=8,
+                               ffn_size=16, keep_target=0.25, inference_rule="threshold",
+                               router_target="attention")
+    history = ["m1", "m2", "m3", "m4"]
+    assert explain_history(distilled, history)["relied_on"]["method"] == "attention"
+    sasrec = _model_or_skip("sasrec", hidden_size=16, num_heads=2, max_len=6)
+    assert explain_history(sasrec, history, by="route")["relied_on"] is None
+    bert = _model_or_skip("bert4rec", hidden_size=16, num_heads=2, max_len=6)
+    relied = explain_history(bert, history)["relied_on"]
+    assert relied["method"] == "gradient" and sorted(relied["items"]) == sorted(history)

@@ -240,10 +240,11 @@ class SequentialModel:
                 for rank, (item, score) in enumerate(zip(r.items, r.scores, strict=True))]
         return pd.DataFrame(rows, columns=[key, "item_id", "score", "rank"])
 
-    def explain(self, history: list[Any], k: int = 10) -> dict[str, Any]:
+    def explain(self, history: list[Any], k: int = 10, by: str = "auto") -> dict[str, Any]:
         """Which past items the next-item prediction after ``history`` used: routes, keep
-        probabilities and attention per layer, and the top-``k`` items (see ``retr explain``)."""
-        return explain_history(self.recommender, [str(h) for h in history], k=k)
+        probabilities and attention per layer, the top-``k`` items, and the behaviors ranked by
+        what the top item relied on (``by``: see ``retr explain --by``)."""
+        return explain_history(self.recommender, [str(h) for h in history], k=k, by=by)
 
     # -- persistence ------------------------------------------------------------------------
 

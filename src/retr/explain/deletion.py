@@ -48,28 +48,25 @@ def _ranks(model: SequentialRecommender, seqs: torch.Tensor, targets: torch.Tens
     return (scores >= own).sum(dim=1)  # [B]
 
 
-def _gradient_x_input(model: SequentialRecommender, seqs: torch.Tensor,
-                      targets: torch.Tensor) -> torch.Tensor:
-    """[B, N] Σ_d ∂score(target)/∂x_{t,d} · x_{t,d} at the item-vector input of the model."""
+def gradient_x_input(model: SequentialRecommender, seqs: torch.Tensor,
+                     targets: torch.Tensor) -> torch.Tensor:
+    """[B, N] Σ_d ∂score(target)/∂x_{t,d} · x_{t,d} at the item-vector input of the model
+    (the gradient is taken for that input alone: no parameter gradient is left behind)."""
     captured: list[torch.Tensor] = []
     module = cast(Any, model).item_embedding
 
-    def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        output.retain_grad()
+    def hook(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
         captured.append(output)
-        return output
 
     handle = module.register_forward_hook(hook)
     try:
         with torch.enable_grad():
             h = model(seqs).hidden[:, -1]  # [B, d]
             score = (h * model.item_representation(targets)).sum()
-            score.backward()
+            (grad,) = torch.autograd.grad(score, captured[0])  # [B, N, d]
     finally:
         handle.remove()
-    x = captured[0]  # [B, N, d] the input item vectors
-    assert x.grad is not None
-    return (x.grad * x).sum(dim=-1).detach()  # [B, N]
+    return (grad * captured[0]).sum(dim=-1).detach()  # [B, N]
 
 
 def explanation_scores(model: SequentialRecommender, seqs: torch.Tensor, targets: torch.Tensor,
@@ -82,7 +79,7 @@ def explanation_scores(model: SequentialRecommender, seqs: torch.Tensor, targets
         scores["route"] = out.keep_probs[-1]
     if out.attentions:
         scores["attention"] = out.attentions[-1][:, :, -1].mean(dim=1)  # [B, N]
-    scores["gradient"] = _gradient_x_input(model, seqs, targets)
+    scores["gradient"] = gradient_x_input(model, seqs, targets)
     scores["random"] = torch.rand(seqs.shape, generator=gen).to(seqs.device)
     return scores
 

@@ -8,6 +8,13 @@ logit alpha) under the "weighted" one), omega, the rule the eval-mode route appl
 (``rule``), and the head-averaged attention over the real tokens. Models without a router
 give attention alone; models without attention (GRU4Rec, pop) give no layers.
 
+``relied_on`` ranks the behaviors by what the top recommendation relied on, with the method
+that measured best in the deletion test (:mod:`retr.explain.deletion`, RESULTS.md "Pathways":
+removing the behaviors a faithful method ranks highest hurts the target most): gradient x
+input of that recommendation's score, except for a router distilled from attention
+(``router_target = "attention"``, ours), whose route and last-query attention measured better.
+``by`` picks another method; the JSON names the one used.
+
 :func:`draw_pathway` turns that into a PNG per layer, like the paper's figures: on top, bars
 of the drawn-with probability coloured by the route actually taken (red: on the pathway; grey:
 dropped by this layer; pale: dropped by an earlier layer, since routes are hierarchical), alpha
@@ -25,12 +32,23 @@ from typing import Any, cast
 
 import torch
 
-from retr.errors import RetrError
+from retr.errors import ConfigError, RetrError
+from retr.explain.deletion import gradient_x_input
 from retr.explain.titles import shorten
 from retr.models.pathway import PathwayRouter, inference_rule_text
 from retr.serving.recommender import EmptyHistoryError, Recommender
 
 MASK_TOKEN = "[mask]"
+RELIED_ON = ("auto", "gradient", "attention", "route")
+WHY = {  # the deletion test on the planted-pathway log (3 seeds, k = 3; RESULTS.md)
+    "gradient": "gradient x input of the top recommendation's score: in the deletion test, "
+                "removing the 3 behaviors it ranks highest cut HR@10 most for the paper's "
+                "router (0.634 -> 0.504; last-query attention 0.588, alpha 0.633)",
+    "attention": "the last query's attention at the last layer: for a router distilled from "
+                 "attention it cut HR@10 most in the deletion test (0.587 -> 0.245; gradient "
+                 "0.396)",
+    "route": "the keep probability alpha of the last layer (chosen by the caller)",
+}
 ON_COLOUR = "tab:red"
 OFF_COLOUR = "darkgray"
 EARLIER_COLOUR = "gainsboro"  # dropped by an earlier layer (hierarchical routes)
@@ -44,12 +62,16 @@ def _rounded(values: torch.Tensor, digits: int = 6) -> list[Any]:
 @torch.no_grad()
 def explain_history(recommender: Recommender, history: object, k: int = 10,
                     exclude_seen: bool = True, titles: dict[str, str] | None = None,
-                    unknown: str | None = None) -> dict[str, Any]:
-    """The explanation JSON of one history: items, per-layer route/keep_prob/attention, top-k.
+                    unknown: str | None = None, by: str = "auto") -> dict[str, Any]:
+    """The explanation JSON of one history: items, per-layer route/keep_prob/attention, top-k,
+    and ``relied_on``: the behaviors ranked by the method ``by`` ("auto": the one that measured
+    best for this model).
 
     ``tokens`` label the rows and columns of every per-layer list: the used history items,
     plus the ``[mask]`` slot a cloze model (BERT4Rec) predicts from.
     """
+    if by not in RELIED_ON:
+        raise ConfigError(f"explanation method must be one of {', '.join(RELIED_ON)}; got {by!r}")
     model = recommender.model
     enc = recommender.encode(history, unknown)
     if not len(enc.ids):
@@ -90,6 +112,7 @@ def explain_history(recommender: Recommender, history: object, k: int = 10,
             entry["attention"] = _rounded(att)
         layers.append(entry)
     rec = recommender.recommend(history, k=k, exclude_seen=exclude_seen, unknown=unknown)
+    relied = relied_on(recommender, seqs, out, rec.items[:1], routers, len(items), by)
     return {
         "model": recommender.model_name,
         "dataset": recommender.dataset_name,
@@ -102,7 +125,39 @@ def explain_history(recommender: Recommender, history: object, k: int = 10,
         "layers": layers,
         "recommendations": [{"item": i, "score": s, "label": shorten(titles.get(i, i))}
                             for i, s in zip(rec.items, rec.scores, strict=True)],
+        "relied_on": relied,
     }
+
+
+def relied_on(recommender: Recommender, seqs: torch.Tensor, out: Any, top: list[str],
+              routers: list[PathwayRouter], n: int, by: str) -> dict[str, Any] | None:
+    """The ``n`` history behaviors (the window's last n, [mask] excluded), most relied on
+    first, by method ``by``; None when there is no recommendation or the method has nothing
+    to read (attention or route of a model without them)."""
+    model = recommender.model
+    if by == "auto":
+        distilled = any(r.options.router_target == "attention" for r in routers)
+        by = "attention" if distilled and out.attentions else "gradient"
+    cloze = model.objective == "cloze" and hasattr(model, "mask_id")
+    stop = seqs.shape[1] - (1 if cloze else 0)  # the history's columns end here
+    if by == "gradient":
+        if not top or not hasattr(model, "item_embedding"):
+            return None
+        target = torch.as_tensor(recommender.encode(top).ids[:1], device=seqs.device)  # [1]
+        score = gradient_x_input(model, seqs, target)[0]  # [N]
+    elif by == "attention":
+        if not out.attentions:
+            return None
+        score = out.attentions[-1][0, :, -1].mean(dim=0)  # [N] the last query's weights
+    else:
+        if not out.keep_probs:
+            return None
+        score = out.keep_probs[-1][0]  # [N] alpha of the last layer
+    score = score[stop - n:stop].float()  # [n] the history's behaviors
+    order = torch.argsort(-score, stable=True).tolist()
+    items = recommender.external(seqs[0, stop - n:stop][order].tolist())
+    return {"method": by, "why": WHY[by], "target": top[0] if top else None,
+            "items": items, "scores": [round(float(score[i]), 6) for i in order]}
 
 
 def _tick_step(n: int, max_labels: int = 40) -> int:

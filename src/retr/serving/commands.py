@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from retr.data.histories import INPUT_FORMATS, file_format, parse_history, read_histories
 from retr.errors import ConfigError
-from retr.explain.pathway import draw_pathway, explain_history
+from retr.explain.pathway import RELIED_ON, draw_pathway, explain_history
 from retr.explain.titles import item_titles
 from retr.serving.export import RTOL, export_onnx
 from retr.serving.http import serve
@@ -79,6 +79,9 @@ def register(subparsers: Any) -> None:
     e.add_argument("--data-dir", help="where the dataset's item titles live (default: "
                    "RETR_DATA_DIR or the user cache)")
     e.add_argument("--no-titles", action="store_true", help="label items by id only")
+    e.add_argument("--by", choices=RELIED_ON, default="auto",
+                   help="how to rank what the top recommendation relied on (default: the "
+                   "method that measured best in the deletion test for this model)")
     _policy_args(e)
     e.set_defaults(handler=cmd_explain)
 
@@ -228,7 +231,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     _check_positive("-k", args.k)
     rec = _load(args)
     titles = {} if args.no_titles else _titles(rec, args.data_dir)
-    explanation = explain_history(rec, parse_history(args.history), k=args.k, titles=titles)
+    explanation = explain_history(rec, parse_history(args.history), k=args.k, titles=titles,
+                                  by=args.by)
     if args.json_out == "-":
         print(json.dumps(explanation))
         return 0
@@ -248,6 +252,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"{explanation['model']} returns no attention or routes")
     recs = ", ".join(r["label"] for r in explanation["recommendations"])
     print(f"recommendations: {recs}")
+    relied = explanation["relied_on"]
+    if relied is not None:
+        top = ", ".join(labels[t] for t in relied["items"][:5])
+        print(f"relied on most ({relied['method']}): {top}")
     for what, path in (("heatmap", args.out), ("json", args.json_out)):
         if path:
             print(f"{what}: {path}")

@@ -161,6 +161,7 @@ def create_app(recommender: Recommender, max_batch: int = DEFAULT_MAX_BATCH,
         k: k_t = 10
         exclude_seen: StrictBool = True
         unknown: Literal["skip", "error"] | None = None
+        by: Literal["auto", "gradient", "attention", "route"] = "auto"
 
     class RecommendationOut(BaseModel):
         items: list[str]
@@ -228,7 +229,7 @@ def create_app(recommender: Recommender, max_batch: int = DEFAULT_MAX_BATCH,
     def explain(req: ExplainRequest) -> dict[str, Any]:
         """Per layer: the behaviors on the pathway, keep probabilities, attention; and top-k."""
         return explain_history(recommender, req.history, k=req.k, exclude_seen=req.exclude_seen,
-                               titles=titles, unknown=req.unknown)
+                               titles=titles, unknown=req.unknown, by=req.by)
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     return app
