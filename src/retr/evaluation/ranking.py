@@ -45,10 +45,13 @@ def history_pairs(dataset: SequenceDataset, users: np.ndarray, lengths: np.ndarr
     return rows, items
 
 
+NOT_FINITE = ("the model produced NaN or infinite scores; the checkpoint is broken or training "
+              "diverged (try a lower learning rate)")
+
+
 def _check_finite(scores: torch.Tensor) -> None:
     if not torch.isfinite(scores).all():
-        raise RetrError("the model produced NaN or infinite scores; the checkpoint is broken or "
-                        "training diverged (try a lower learning rate)")
+        raise RetrError(NOT_FINITE)
 
 
 @torch.no_grad()
@@ -79,7 +82,13 @@ def user_states(model: SequentialRecommender, dataset: SequenceDataset, users: n
 def full_rank_counts(model: SequentialRecommender, dataset: SequenceDataset, examples: EvalExamples,
                      exclude_history: bool = True, batch_size: int = 256, item_chunk: int = 4096,
                      progress: bool = False) -> RankCounts:
-    """Rank each target against every item (padding excluded; history excluded by default)."""
+    """Rank each target against every item (padding excluded; history excluded by default).
+
+    The item-chunk loop never waits on the device: the history's (row, item) pairs are sorted
+    by item on the host, so each chunk's pairs are a slice known in advance (no boolean
+    selection), the target is masked by a scatter (no ``nonzero``), and the finiteness check
+    is one flag per batch. On a GPU each of those was a host synchronisation per chunk.
+    """
     model.eval()
     m, n_items = len(examples), dataset.n_items
     greater = np.zeros(m, dtype=np.int64)
@@ -96,30 +105,38 @@ def full_rank_counts(model: SequentialRecommender, dataset: SequenceDataset, exa
         device = h.device
         tgt = torch.from_numpy(targets).to(device)
         t_score = model.score_candidates(h, tgt[:, None])  # [B, 1]
-        _check_finite(t_score)
+        finite = torch.isfinite(t_score).all()  # [] stays on the device until the batch ends
         g = torch.zeros(b, dtype=torch.int64, device=device)
         e = torch.zeros(b, dtype=torch.int64, device=device)
         excluded = np.zeros(b, dtype=np.int64)
+        bounds = np.zeros(0, dtype=np.int64)
         if exclude_history:
             rows, items = history_pairs(dataset, users, lengths)
             key = np.unique(rows * np.int64(n_items + 1) + items)
             rows, items = key // (n_items + 1), key % (n_items + 1)
             valid[sl] = ~np.isin(np.arange(b) * np.int64(n_items + 1) + targets, key)
             excluded = np.bincount(rows, minlength=b)
+            by_item = np.argsort(items, kind="stable")
+            rows, items = rows[by_item], items[by_item]
+            starts = np.arange(1, n_items + 1, item_chunk)
+            bounds = np.searchsorted(items, np.append(starts, n_items + 1))  # per chunk
             rows_t, items_t = torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device)
-        for c0 in range(1, n_items + 1, item_chunk):
+        for i, c0 in enumerate(range(1, n_items + 1, item_chunk)):
             c1 = min(c0 + item_chunk, n_items + 1)
             ids = torch.arange(c0, c1, device=device)
             s = model.score_items(h, ids)  # [B, C]
-            _check_finite(s)
-            # The target itself never counts against itself.
-            own = (tgt >= c0) & (tgt < c1)
-            s[own.nonzero().squeeze(1), (tgt[own] - c0)] = torch.nan
-            if exclude_history:
-                sel = (items_t >= c0) & (items_t < c1)
-                s[rows_t[sel], items_t[sel] - c0] = torch.nan  # NaN compares False: not counted
+            finite = finite & torch.isfinite(s).all()
+            # The target itself never counts against itself (NaN compares False).
+            own = ((tgt >= c0) & (tgt < c1))[:, None]  # [B, 1]
+            col = (tgt - c0).clamp(0, c1 - c0 - 1)[:, None]  # [B, 1]
+            s.scatter_(1, col, torch.where(own, torch.nan, s.gather(1, col)))
+            if exclude_history and bounds[i + 1] > bounds[i]:
+                part = slice(int(bounds[i]), int(bounds[i + 1]))
+                s[rows_t[part], items_t[part] - c0] = torch.nan  # the history: not counted
             g += (s > t_score).sum(1, dtype=torch.int64)
             e += (s == t_score).sum(1, dtype=torch.int64)
+        if not bool(finite):
+            raise RetrError(NOT_FINITE)
         greater[sl] = g.cpu().numpy()
         ties[sl] = e.cpu().numpy()
         # Candidates: all items minus the excluded history (the target among them when valid).
