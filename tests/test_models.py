@@ -44,10 +44,12 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
                                   ffn_size=4 * D)),
     "bert4rec_pathway": ("bert4rec", dict(hidden_size=D, num_heads=2, num_layers=2, max_len=16,
                                           ffn_size=4 * D, attention="pathway", **ROUTER)),
+    "retr_keys": ("retr", dict(hidden_size=D, num_heads=2, num_layers=2, max_len=16, ffn_size=D,
+                               gate="keys", **ROUTER)),
 }
-CAUSAL = ["retr", "sasrec", "sasrec_pathway", "gru4rec"]
-TRANSFORMERS = ["retr", "sasrec", "sasrec_pathway", "bert4rec", "bert4rec_pathway"]
-PATHWAY = ["retr", "sasrec_pathway", "bert4rec_pathway"]
+CAUSAL = ["retr", "sasrec", "sasrec_pathway", "gru4rec", "retr_keys"]
+TRANSFORMERS = ["retr", "sasrec", "sasrec_pathway", "bert4rec", "bert4rec_pathway", "retr_keys"]
+PATHWAY = ["retr", "sasrec_pathway", "bert4rec_pathway", "retr_keys"]
 
 
 def tiny(key: str, seed: int = 0, **overrides: Any) -> Any:
@@ -103,7 +105,7 @@ def test_causal_models_never_look_ahead_eval(key: str) -> None:
             assert not torch.allclose(base.hidden[0, j], changed.hidden[0, j])
 
 
-@pytest.mark.parametrize("key", ["retr", "sasrec_pathway"])
+@pytest.mark.parametrize("key", ["retr", "sasrec_pathway", "retr_keys"])
 def test_causal_in_training_mode_with_router_and_dropout(key: str) -> None:
     model = tiny(key, dropout=0.3).train()
     seqs = batch()

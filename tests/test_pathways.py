@@ -349,6 +349,8 @@ def test_last_query_distillation_target_is_the_last_querys_attention() -> None:
     ("retr", {**BUDGET, "inference_rule": "threshold", "route_sample": "weighted"}),
     ("retr", THRESHOLD),
     ("retr", {"router": "random", "random_keep_prob": 0.4}),
+    ("retr", {"gate": "keys"}),
+    ("retr", {**BUDGET, "gate": "keys", "inference_rule": "threshold"}),
     ("retr", {"inference_route": "sample"}),
     ("retr", {"layout": "prenorm", "norm_type": "rmsnorm", "residual": "gated"}),
     ("sasrec", {"attention": "pathway"}),
@@ -374,3 +376,65 @@ def test_last_position_alone_equals_the_full_forward(name: str, overrides: dict[
         else:
             full = model(seqs).hidden[:, -1]
     torch.testing.assert_close(state, full, rtol=1e-5, atol=1e-6)
+
+
+
+# ---------------------------------------------------------------- key-gated pathways (ours)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_key_gates_all_on_are_self_attention_and_every_path_agrees(
+        causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every key on: the host's attention. A binary gate: the explicit differentiable path, the
+    masked fast path and the chunked path give the same outputs; each query reads only the
+    gated-on keys and itself."""
+    import retr.models.layers as layers
+    from retr.models.layers import MultiHeadAttention
+
+    torch.manual_seed(0)
+    b, n, d = 3, 9, 8
+    mha = MultiHeadAttention(d, 2, 0.0, causal, out_proj=True).eval()
+    z = torch.randn(b, n, d)
+    real = torch.ones(b, n, dtype=torch.bool)
+    real[0, :3] = False
+    plain, _ = mha(z, z, real)
+    torch.testing.assert_close(mha(z, z, real, key_gate=torch.ones(b, n))[0], plain)
+    gate = (torch.rand(b, n) < 0.4).float()
+    soft = torch.zeros(b, n, requires_grad=True)
+    explicit, weights = mha(z, z, real, True, key_gate=gate + (soft - soft.detach()))
+    fast, _ = mha(z, z, real, key_gate=gate)
+    monkeypatch.setattr(layers, "ATTENTION_CHUNK", 2)
+    chunked, _ = mha(z, z, real, key_gate=gate)
+    torch.testing.assert_close(fast, explicit)
+    torch.testing.assert_close(chunked, explicit)
+    assert weights is not None
+    eye = torch.eye(n, dtype=torch.bool)
+    readable = (gate > 0.5)[:, None, None, :] | eye  # [B, 1, N, N]
+    assert float(weights.detach().masked_fill(readable, 0.0).abs().max()) == 0.0
+    torch.testing.assert_close(weights[1].sum(-1), torch.ones(2, n))  # rows still sum to one
+
+
+def test_key_gates_train_the_router_from_every_later_position() -> None:
+    """Query gates: the last position's loss reaches only its own route value. Key gates: it
+    reaches the route of every earlier token it could read (dropping a token changes the later
+    predictions, so every position's loss trains the router)."""
+    from retr.models.pathway import attention_module
+
+    torch.manual_seed(0)
+    z = torch.randn(2, 7, D)
+    real = torch.ones(2, 7, dtype=torch.bool)
+    grads = {}
+    for gate in ("queries", "keys"):
+        torch.manual_seed(1)
+        attn = attention_module(D, 2, 0.0, True, False, RouterOptions(gate=gate)).train()
+        torch.manual_seed(2)
+        out, _, route, _ = attn(z, z, real, torch.ones(2, 7))
+        (g,) = torch.autograd.grad(out[:, -1].pow(2).sum(), route)
+        grads[gate] = g
+    assert float(grads["queries"][:, :-1].abs().max()) == 0.0
+    assert float(grads["keys"][:, :-1].abs().min()) > 0.0
+
+
+def test_key_gates_reject_nothing_else() -> None:
+    with pytest.raises(ConfigError, match="model.gate must be one of"):
+        RouterOptions(gate="values")

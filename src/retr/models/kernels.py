@@ -96,18 +96,22 @@ def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed
 ATTENTION_CHUNK = 256  # on the CPU, windows longer than this attend in chunks of queries
 
 
-def query_mask(real: torch.Tensor, causal: bool, rows: torch.Tensor) -> torch.Tensor:
+def query_mask(real: torch.Tensor, causal: bool, rows: torch.Tensor,
+               keys_on: torch.Tensor | None = None) -> torch.Tensor:
     """[B, 1, c, K] bool: which of the first K keys the queries at absolute positions ``rows``
     ([c], or [B, c] when each row's queries sit elsewhere) may read (the rule of
-    ``layers.attention_mask``, built for these rows only)."""
+    ``layers.attention_mask``, built for these rows only). ``keys_on`` [B, K]: only these keys
+    are readable (key-gated pathway attention), and a real query always reads itself."""
     b, n = real.shape  # the keys read (a causal chunk reads up to its last query)
     keys = torch.arange(n, device=real.device)  # [K]
     at = rows.expand(b, -1) if rows.dim() == 1 else rows  # [B, c]
-    allowed = real[:, None, :]  # [B, 1, K] real keys
+    allowed = (real if keys_on is None else keys_on)[:, None, :]  # [B, 1, K] readable keys
     if causal:
         allowed = allowed & (keys[None, None, :] <= at[:, :, None])  # [B, c, K] k <= q
     q_real = torch.gather(real, 1, at.clamp_max(n - 1))[:, :, None]  # [B, c, 1]
     eye = keys[None, None, :] == at[:, :, None]  # [B, c, K]
+    if keys_on is not None:
+        return ((q_real & allowed) | eye)[:, None]
     return ((q_real & allowed) | (~q_real & eye))[:, None]  # [B, 1, c, K]
 
 
@@ -126,12 +130,12 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor,
                 causal: bool, p: float, seed: int, chunk: int,
-                rows: torch.Tensor | None) -> torch.Tensor:
+                rows: torch.Tensor | None, keys_on: torch.Tensor | None) -> torch.Tensor:
         scale = 1.0 / math.sqrt(q.shape[-1])
         gen = torch.Generator(device=q.device).manual_seed(seed) if p > 0 else None
         y = torch.empty_like(q)  # [B, h, Nq, d/h]
         lse = q.new_empty(q.shape[:3])  # [B, h, Nq]
-        for start, stop, keys, mask in _chunks(q, k, real, causal, chunk, rows):
+        for start, stop, keys, mask in _chunks(q, k, real, causal, chunk, rows, keys_on):
             scores = torch.matmul(q[:, :, start:stop] * scale, k[:, :, :keys].transpose(-2, -1))
             scores.masked_fill_(~mask, float("-inf"))  # [B, h, c, K]
             row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, h, c, 1]
@@ -141,17 +145,17 @@ class _ChunkedAttention(torch.autograd.Function):
                 probs = probs.mul_(keep).mul_(1.0 / (1.0 - p))
             y[:, :, start:stop] = torch.matmul(probs, v[:, :, :keys])
             lse[:, :, start:stop] = row_lse.squeeze(-1)
-        ctx.save_for_backward(q, k, v, real, lse, rows)
+        ctx.save_for_backward(q, k, v, real, lse, rows, keys_on)
         ctx.causal, ctx.p, ctx.seed, ctx.chunk, ctx.scale = causal, p, seed, chunk, scale
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, real, lse, rows = ctx.saved_tensors
+        q, k, v, real, lse, rows, keys_on = ctx.saved_tensors
         p, scale = ctx.p, ctx.scale
         gen = torch.Generator(device=q.device).manual_seed(ctx.seed) if p > 0 else None
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for start, stop, keys, mask in _chunks(q, k, real, ctx.causal, ctx.chunk, rows):
+        for start, stop, keys, mask in _chunks(q, k, real, ctx.causal, ctx.chunk, rows, keys_on):
             qc, dyc, kc, vc = q[:, :, start:stop], dy[:, :, start:stop], k[:, :, :keys], \
                 v[:, :, :keys]
             scores = torch.matmul(qc * scale, kc.transpose(-2, -1))  # [B, h, c, K]
@@ -168,14 +172,15 @@ class _ChunkedAttention(torch.autograd.Function):
             ds = dp.sub_((dp * probs).sum(dim=-1, keepdim=True)).mul_(probs)  # softmax backward
             dq[:, :, start:stop] = torch.matmul(ds, kc).mul_(scale)
             dk[:, :, :keys] += torch.matmul(ds.transpose(-2, -1), qc).mul_(scale)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def _chunks(q: torch.Tensor, k: torch.Tensor, real: torch.Tensor, causal: bool, chunk: int,
-            rows: torch.Tensor | None = None) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+            rows: torch.Tensor | None = None, keys_on: torch.Tensor | None = None,
+            ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
     """(first query, end, keys read, mask [B, 1, c, keys]) per chunk of queries: the Nq queries
     are the last Nq of the N key positions, or at ``rows`` [B, Nq]; a causal chunk reads keys
-    up to its last query."""
+    up to its last query; ``keys_on`` [B, N] restricts the readable keys (see query_mask)."""
     nq, n = q.shape[2], k.shape[2]
     for start in range(0, nq, chunk):
         stop = min(start + chunk, nq)
@@ -185,19 +190,21 @@ def _chunks(q: torch.Tensor, k: torch.Tensor, real: torch.Tensor, causal: bool, 
         else:
             at = rows[:, start:stop]  # [B, c]
             keys = int(at.max()) + 1 if causal else n
-        yield start, stop, keys, query_mask(real[:, :keys], causal, at)
+        on = None if keys_on is None else keys_on[:, :keys]
+        yield start, stop, keys, query_mask(real[:, :keys], causal, at, on)
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor,
                       causal: bool, p: float = 0.0, seed: int = 0,
-                      chunk: int = ATTENTION_CHUNK,
-                      rows: torch.Tensor | None = None) -> torch.Tensor:
+                      chunk: int = ATTENTION_CHUNK, rows: torch.Tensor | None = None,
+                      keys_on: torch.Tensor | None = None) -> torch.Tensor:
     """Masked attention with dropout ``p`` on its weights, [B, h, Nq, d/h], in memory linear in
     the window: the Nq queries are the last Nq of the N key positions (or at the positions
-    ``rows`` [B, Nq]: gathered queries), ``real`` [B, N] marks real keys,
-    and the dropout masks are drawn from ``seed``."""
+    ``rows`` [B, Nq]: gathered queries), ``real`` [B, N] marks real keys (``keys_on`` [B, N]
+    the readable ones, when only some are: every real query reads itself then), and the
+    dropout masks are drawn from ``seed``."""
     return cast(torch.Tensor, _ChunkedAttention.apply(q, k, v, real, causal, p, seed, chunk,
-                                                      rows))
+                                                      rows, keys_on))
 
 
 def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -379,6 +379,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, query_in: torch.Tensor, kv_in: torch.Tensor, real: torch.Tensor,
                 output_attentions: bool = False, query_gate: torch.Tensor | None = None,
+                key_gate: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (output [B, Nq, d], weights [B, h, Nq, N] or None); padding query rows are 0.
 
@@ -386,6 +387,9 @@ class MultiHeadAttention(nn.Module):
         only the next-item state is needed), ``real`` [B, N] marks the real keys.
         ``query_gate`` [B, Nq] multiplies the query projection's bias: Q = X W_Q + gate ⊙ b_Q
         (pathway attention passes its route, so an off-route query is exactly zero).
+        ``key_gate`` [B, N] (0/1, may carry a straight-through gradient) gates the keys instead
+        (key-gated pathway attention, ours): query i reads the gated-on keys it may read and
+        itself, w_ij = G_ij p_ij / Σ_k G_ik p_ik with G_ij = gate_j (1 for j = i).
         """
         b, nq, d = query_in.shape
         n = kv_in.shape[1]
@@ -401,13 +405,21 @@ class MultiHeadAttention(nn.Module):
         q_real = real[:, n - nq:]  # [B, Nq]
         p = self.dropout if self.training else 0.0
         weights: torch.Tensor | None = None
+        if key_gate is not None and (key_gate.requires_grad or output_attentions):
+            return self._key_gated(q, k, v, real, key_gate, p, output_attentions)
+        keys_on = None if key_gate is None else real & (key_gate > 0.5)  # [B, N] hard gate
         if not output_attentions and n > ATTENTION_CHUNK and q.device.type == "cpu" and \
                 autocast_dtype("cpu") is None and not exporting():
             seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0  # global RNG
-            y = chunked_attention(q, k, v, real, self.causal, p, seed, ATTENTION_CHUNK)
+            y = chunked_attention(q, k, v, real, self.causal, p, seed, ATTENTION_CHUNK,
+                                  keys_on=keys_on)
             y = y.transpose(1, 2).reshape(b, nq, d) * q_real.unsqueeze(-1)
             return self.out(y), None
-        allowed = attention_mask(real, self.causal)[:, :, n - nq:]  # [B, 1, Nq, N]
+        if keys_on is None:
+            allowed = attention_mask(real, self.causal)[:, :, n - nq:]  # [B, 1, Nq, N]
+        else:
+            allowed = query_mask(real, self.causal, torch.arange(n - nq, n, device=real.device),
+                                 keys_on)  # [B, 1, Nq, N]
         if output_attentions:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(dh)  # [B, h, Nq, N]
             probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, h, Nq, N]
@@ -416,6 +428,28 @@ class MultiHeadAttention(nn.Module):
         else:
             y = dropout_attention(q, k, v, allowed, p)
         y = y.transpose(1, 2).reshape(b, nq, d) * q_real.unsqueeze(-1)  # [B, Nq, d] concat heads
+        return self.out(y), weights
+
+
+    def _key_gated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor,
+                   gate: torch.Tensor, p: float, output_attentions: bool,
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The explicit key-gated attention, differentiable in ``gate`` [B, N]: the host's
+        weights p_ij renormalised over the gated-on keys and the query itself."""
+        b, h, nq, dh = q.shape
+        n = k.shape[2]
+        allowed = attention_mask(real, self.causal)[:, :, n - nq:]  # [B, 1, Nq, N]
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(dh)  # [B, h, Nq, N]
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, h, Nq, N]
+        rows = torch.arange(n - nq, n, device=q.device)  # [Nq] absolute positions
+        eye = torch.arange(n, device=q.device)[None, :] == rows[:, None]  # [Nq, N]
+        g = torch.where(eye, torch.ones_like(gate)[:, None, :], gate[:, None, :])  # [B, Nq, N]
+        gated = probs * g[:, None]  # [B, h, Nq, N]
+        w = gated / gated.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gated.dtype).tiny)
+        q_real = real[:, n - nq:]  # [B, Nq]
+        y = dropout(w, p, self.training) @ v  # [B, h, Nq, d/h]
+        y = y.transpose(1, 2).reshape(b, nq, h * dh) * q_real.unsqueeze(-1)
+        weights = w * q_real[:, None, :, None] if output_attentions else None
         return self.out(y), weights
 
 

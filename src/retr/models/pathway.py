@@ -111,6 +111,9 @@ class RouterOptions:
     # window's last query (the one that predicts at test time), itself included
     sparse_below: float = 0.75  # compute only (ours): below this share of tokens on the route,
     # skip the off-route queries' work (same outputs; benchmarks/pathway_speed.py measured it)
+    gate: str = "queries"  # "queries": the route gates queries (the paper) | "keys" (ours): it
+    # gates the keys every query may read (itself always), so dropping a token changes the
+    # predictions of the later positions
 
     def __post_init__(self) -> None:
         choices = {"router": ("learned", "random"), "gumbel": ("adaptive", "fixed"),
@@ -119,7 +122,7 @@ class RouterOptions:
                    "route_sample": ("paper", "weighted"), "query_bias": ("on_route", "always"),
                    "inference_rule": ("mode", "topk", "threshold"),
                    "distill_source": ("later", "last"),
-                   "router_target": ("task", "attention")}
+                   "router_target": ("task", "attention"), "gate": ("queries", "keys")}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ConfigError(f"model.{name} must be one of {', '.join(valid)}; "
@@ -475,7 +478,9 @@ class PathwayAttention(nn.Module):
         (query_bias="on_route") and the route binary, no weights asked for, no export, and few
         enough tokens on the route (``sparse_below``: above it the dense path is faster).
         A straight-through route qualifies: its gradient comes from a linear-attention sum."""
-        if output_attentions or exporting() or self.router.options.query_bias != "on_route":
+        opts = self.router.options
+        if output_attentions or exporting() or opts.query_bias != "on_route" \
+                or opts.gate == "keys":
             return False
         kept = float(route.detach().sum()) / max(float(real.sum()), 1.0)
         if kept >= self.router.options.sparse_below:
@@ -492,6 +497,11 @@ class PathwayAttention(nn.Module):
         router still reads every token), for a last block whose other outputs nobody reads.
         """
         opts = self.router.options
+        if last_only and opts.gate == "keys":  # the last query reads every gated key
+            route = self.router(query_in, route_prev, real)[0]  # [B, N]
+            out, _ = self.attention(query_in[:, -1:], kv_in, real, key_gate=route)  # [B, 1, d]
+            nothing = torch.zeros_like(route[:, -1:])
+            return out, None, route[:, -1:], RouteInfo(nothing, nothing, None, None)
         if last_only:
             route = self.router.last_route(query_in, route_prev, real)  # [B, 1]
             gate = route if opts.query_bias == "on_route" else None
@@ -500,7 +510,10 @@ class PathwayAttention(nn.Module):
             nothing = torch.zeros_like(route)
             return out, None, route, RouteInfo(nothing, nothing, None, None)
         route, info, keep_logit = self.router(query_in, route_prev, real)  # [B, N]
-        if self._sparse(route, real, output_attentions):
+        if opts.gate == "keys":  # every query; the route decides which keys they may read
+            out, weights = self.attention(query_in, kv_in, real, output_attentions,
+                                          key_gate=route)  # [B, N, d]
+        elif self._sparse(route, real, output_attentions):
             out = self.attention.forward_active(query_in, kv_in, real, route)
             weights = None
         else:
