@@ -6,7 +6,8 @@ Usage:
 
 Every variant trains RETR on the planted-pathway log with ``configs/synthetic.toml``'s RETR
 settings (one thread), one run per seed, with the command recorded next to its numbers; a run
-directory that already holds results.json is collected, not retrained. Route statistics come
+directory that already holds results.json is collected, not retrained (and a run whose
+directory is gone but whose record is in ``--out`` keeps that record). Route statistics come
 from :func:`retr.evaluation.routes.route_statistics` on the test histories (recomputed from
 the run's weights when results.json predates them: the same function, the same seed). Writes
 one JSON record per run into ``--out`` and the table ``pathways.md`` there.
@@ -50,7 +51,17 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                        ["model.keep_target=0.25", 'model.inference_rule="threshold"',
                         'model.router_target="attention"', 'model.distill_source="last"',
                         "model.hierarchical=false", 'model.query_bias="always"']),
+    "keys25": ("ours: key gates (the route decides which keys every query reads), budget "
+               "penalty λ = 1, ω floor 0.1, threshold rule",
+               ["model.keep_target=0.25", "model.keep_weight=1.0", "model.omega_floor=0.1",
+                'model.inference_rule="threshold"', 'model.gate="keys"']),
+    "keys-distilled25": ("ours: key gates, router distilled from the last query's attention, "
+                         "threshold rule, no hierarchy",
+                         ["model.keep_target=0.25", 'model.inference_rule="threshold"',
+                          'model.router_target="attention"', 'model.distill_source="last"',
+                          "model.hierarchical=false", 'model.gate="keys"']),
 }
+BUDGETED = ("budget25", "distilled25", "distilled25-bq", "keys25", "keys-distilled25")
 
 
 def command(variant: str, seed: int, runs: Path) -> list[str]:
@@ -142,7 +153,7 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
     """One line per budgeted variant: which targets every seed met."""
     base = [r["test_ndcg@10"] for r in records if r["variant"] == "paper"]
     lines = []
-    for variant in ("budget25", "distilled25", "distilled25-bq"):
+    for variant in BUDGETED:
         rs = [r for r in records if r["variant"] == variant]
         if not rs:
             continue
@@ -203,6 +214,10 @@ def main() -> None:
         for seed in seeds:
             cmd = command(variant, seed, args.runs)
             done = (args.runs / f"{variant}-s{seed}" / "results.json").is_file()
+            kept = args.out / f"{variant}-s{seed}.json"
+            if not done and kept.is_file():  # measured before; its run directory is gone
+                records.append(json.loads(kept.read_text()))
+                continue
             if not done:
                 if args.collect_only:
                     continue
