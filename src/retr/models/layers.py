@@ -282,8 +282,10 @@ class MultiHeadAttention(nn.Module):
         An off-route query is zero, so it scores every key alike: its output is the plain mean
         of the values it may read (its causal prefix, or all real keys), a running sum. The
         on-route queries are gathered into [B, M] slots (M: the most in a row) and attend as
-        usual, in chunks of ``ATTENTION_CHUNK`` queries on a long window. The off-route queries'
-        uniform weights get no attention dropout (their outputs are the exact mean).
+        usual, in chunks of ``ATTENTION_CHUNK`` queries on a window longer than that (the
+        [M, N] weights are never kept for the backward pass, as on the dense path). The
+        off-route queries' uniform weights get no attention dropout (their outputs are the
+        exact mean).
 
         When the route carries a straight-through gradient, an off-route token's ∂y/∂R (at
         R = 0: Σ_j p_j (k_j · q̃) (v_j - ȳ) / sqrt(d_h), q̃ the query it would form) comes
@@ -318,8 +320,8 @@ class MultiHeadAttention(nn.Module):
             r = torch.gather(route, 1, order).unsqueeze(-1)  # [B, M, 1] 1 (carries ∂/∂R)
             q = (r * self.query(q_in)).view(b, m, h, dh).transpose(1, 2)  # [B, h, M, d/h]
             p = self.dropout if self.training else 0.0
-            if m > ATTENTION_CHUNK and q.device.type == "cpu" and \
-                    autocast_dtype("cpu") is None:
+            if n > ATTENTION_CHUNK and q.device.type == "cpu" and \
+                    autocast_dtype("cpu") is None:  # as the dense path: never [M, N] kept
                 seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
                 y_on = chunked_attention(q, k, v, real, self.causal, p, seed, ATTENTION_CHUNK,
                                          rows=rows)  # [B, h, M, d/h]
