@@ -1,12 +1,14 @@
 """Long histories side by side: SASRec, RETR and RETR with a pathway budget, vs RecTools.
 
 Usage:
-    python -m benchmarks.long_history [--lengths 1024 200 512 2048] [--minutes 2] [--threads 1]
-        [--peers rectools] [--rows 1,2,3,4,5] [--out benchmarks/results/long_history.json]
+    python -m benchmarks.long_history [--lengths 1024 2048 200 512] [--minutes 4] [--threads 1]
+        [--loss bce] [--peers rectools] [--rows 1,2,3,4,5]
+        [--out benchmarks/results/long_history.json]
 
 ml-1m (5-core, leave-one-out: every model trains on each user's items but the last two),
-d=64, 2 blocks, 2 heads, batch 128, full-softmax cross-entropy, Adam 1e-3, dropout 0.2, at
-windows N of 200 to 2,048 (a quarter of ml-1m's users have more than 200 items; the longest
+d=64, 2 blocks, 2 heads, batch 128, Adam 1e-3, dropout 0.2, SASRec's loss (binary
+cross-entropy with one uniform negative per position; ``--loss ce`` for the full softmax,
+whose [positions x items] work then outweighs attention's), at windows N of 200 to 2,048 (a quarter of ml-1m's users have more than 200 items; the longest
 2,314). Rows:
 
 1. retr's SASRec;
@@ -63,9 +65,10 @@ def merge(out: Path, rows: list[dict[str, Any]], header: dict[str, Any]) -> None
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 200, 512, 2048])
-    p.add_argument("--minutes", type=float, default=2.0, help="training budget per row")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 200, 512])
+    p.add_argument("--minutes", type=float, default=4.0, help="training budget per row")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--loss", choices=["bce", "ce"], default="bce")
     p.add_argument("--peers", default="rectools", help="'' for retr only")
     p.add_argument("--rows", default="", help="comma list of row numbers (1-based)")
     p.add_argument("--venv-dir", type=Path, default=HERE / ".peers")
@@ -81,7 +84,7 @@ def main() -> None:
     header = {"command": command, "code": code_version(),
               "machine": f"{platform.machine()}, {args.threads} thread(s) per run; torch "
                          f"{torch.__version__}; matmul 2048² {fp32:.0f} GFLOP/s fp32",
-              "minutes": args.minutes, "hidden": hidden, "batch": batch}
+              "minutes": args.minutes, "hidden": hidden, "batch": batch, "loss": args.loss}
     for n in args.lengths:
         work = (args.work / str(n)).resolve()  # the workers run from the repository root
         stats = prepare(work, n)
@@ -90,10 +93,10 @@ def main() -> None:
             if (only and number not in only) or (impl != "retr" and impl not in peers):
                 continue
             python = Path(sys.executable) if impl == "retr" else peers[impl]
-            argv = ["--impl", impl, "--model", model, "--loss", "ce", "--work", str(work),
+            argv = ["--impl", impl, "--model", model, "--loss", args.loss, "--work", str(work),
                     "--minutes", str(args.minutes), "--threads", str(args.threads),
-                    "--target", "2", "--no-stop", "--max-len", str(n), "--hidden", str(hidden),
-                    "--batch-size", str(batch)]
+                    "--target", "2", "--no-stop", "--final-eval-only", "--max-len", str(n),
+                    "--hidden", str(hidden), "--batch-size", str(batch)]
             for key in keys:
                 argv += ["--set", key]
             print(f"[long] N={n} {label}", flush=True)
@@ -110,6 +113,7 @@ def main() -> None:
                    "epochs_in_budget": len(res["epochs"]), "train_seconds": res["train_seconds"],
                    "valid_full_ndcg10": res["valid_full_ndcg10"],
                    "valid_sampled_ndcg10": res["epochs"][-1]["valid_sampled_ndcg10"],
+                   "loss": args.loss, "code": code_version(),
                    "full_ranking_users_per_second": round(res["users"]
                                                           / res["full_ranking_seconds"]),
                    "latency_p50_ms": res["latency"]["p50_ms"],

@@ -411,7 +411,10 @@ def long_history_section(results_dir: Path) -> list[str]:
     data = json.loads((results_dir / "long_history.json").read_text())
     rows = sorted(data["rows"], key=lambda r: (r["max_len"], r["label"].startswith("RecTools"),
                                                r["label"]))
-    lines = [text("long", minutes=data["minutes"], hidden=data["hidden"], batch=data["batch"]),
+    loss = {"bce": "binary cross-entropy with one uniform negative per position (SASRec's loss)",
+            "ce": "full-softmax cross-entropy"}[data.get("loss", "ce")]
+    lines = [text("long", minutes=data["minutes"], hidden=data["hidden"], batch=data["batch"],
+                  loss=loss),
              "", "| N | implementation | s/epoch | tokens/s | vs retr SASRec | epochs in budget | "
              "valid NDCG@10 (all items) at the budget | full-ranking users/s | single-history "
              "p50 / p99 ms | peak RSS MB | inference keep per layer |",
