@@ -438,3 +438,24 @@ def test_key_gates_train_the_router_from_every_later_position() -> None:
 def test_key_gates_reject_nothing_else() -> None:
     with pytest.raises(ConfigError, match="model.gate must be one of"):
         RouterOptions(gate="values")
+
+
+def test_router_recomputed_in_the_backward_pass_gives_the_same_gradients(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training recomputes the router's MLPs in the backward pass (memory): the loss and every
+    gradient are those of keeping their activations."""
+    import retr.models.pathway as pathway
+
+    grads = []
+    for recompute in (True, False):
+        if not recompute:
+            monkeypatch.setattr(pathway, "checkpoint", lambda f, *a, **_: f(*a))
+        model = tiny(dropout=0.0, **BUDGET).train()
+        torch.manual_seed(3)
+        out = model(batch())
+        loss = out.hidden.pow(2).mean() + out.extras["aux_loss"].mean()
+        grads.append(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
+    for a, b in zip(*grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

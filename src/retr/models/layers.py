@@ -331,11 +331,11 @@ class MultiHeadAttention(nn.Module):
                                               if self.causal else True)  # [B, M, N]
                 allowed = allowed | (keys[None, None, :] == rows[:, :, None])  # never empty
                 y_on = dropout_attention(q, k, v, allowed[:, None], p)  # [B, h, M, d/h]
-            y_on = y_on.transpose(1, 2).reshape(b, m, d) * slot_on.unsqueeze(-1)
-            scatter = order.unsqueeze(-1).expand(b, m, d)
-            keep = 1.0 - torch.zeros_like(y).scatter(1, scatter, slot_on.unsqueeze(-1).expand(
-                b, m, d).to(y.dtype))  # [B, N, d] 0 where an active output goes
-            y = (y * keep).scatter_add(1, scatter, y_on.to(y.dtype))
+            y_on = y_on.transpose(1, 2).reshape(b * m, d)[slot_on.reshape(-1)]  # [K, d] used
+            at = (rows + n * torch.arange(b, device=real.device)[:, None])[slot_on]  # [K] b*N+t
+            # the kept outputs replace the means at their positions (index_copy keeps only
+            # the index for its backward pass, no [B, N, d] mask)
+            y = y.reshape(b * n, d).index_copy(0, at, y_on.to(y.dtype)).view(b, n, d)
         return self.out(y * real.unsqueeze(-1))
 
     @torch.no_grad()

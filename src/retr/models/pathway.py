@@ -73,6 +73,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from retr.errors import ConfigError
 from retr.models.layers import MultiHeadAttention, RouteInfo, exporting
@@ -340,6 +341,24 @@ class PathwayRouter(nn.Module):
             sample = (scaled[..., 1] >= scaled[..., 0]).to(z.dtype)
         return sample * base * mask  # [B, 1]
 
+    def _scores(self, z: torch.Tensor, route_prev: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Steps 1-4 before the draw: (log π [B, N, 2], ω [B, N, 1] or None for the fixed
+        Gumbel-Softmax). A pure function of its inputs, so training recomputes it in the
+        backward pass rather than keep its [B, N, hidden] activations (ours; the values and
+        gradients are the same, the router's memory is a few [B, N] tensors)."""
+        assert self.context_mlp is not None and self.keep_mlp is not None
+        # steps 1-2: global context of the on-route tokens, fused back into every token
+        context = pool_on_route(z, route_prev, self.options.pooling)  # [B, N|1, d]
+        g = self.context_mlp(context)  # [B, N|1, d]
+        z_emb = z + z * g  # [B, N, d] Z_emb = Z + Z ⊙ g
+        # step 3: π = Softmax(MLP(Z_emb)) = [1-α, α], kept in log space for stability
+        log_pi = F.log_softmax(self.keep_mlp(z_emb), dim=-1)  # [B, N, 2]
+        # step 4: adaptive weight ω = ReLU(MLP(Z_emb)) (+ floor), or the fixed-τ ablation
+        if self.omega_mlp is None:
+            return log_pi, None
+        return log_pi, self.options.omega_floor + F.relu(self.omega_mlp(z_emb))  # ω [B, N, 1]
+
     def forward(self, z: torch.Tensor, route_prev: torch.Tensor,
                 real: torch.Tensor) -> tuple[torch.Tensor, RouteInfo, torch.Tensor | None]:
         """z [B, N, d], route_prev R^{l-1} [B, N] (0/1), real [B, N] -> (R^l [B, N], RouteInfo
@@ -355,17 +374,15 @@ class PathwayRouter(nn.Module):
             sample_prob = keep_prob
             sample = (torch.rand_like(mask) < opts.random_keep_prob).to(z.dtype)  # [B, N]
         else:
-            # steps 1-2: global context of the on-route tokens, fused back into every token
-            context = pool_on_route(z, route_prev, opts.pooling)  # [B, N|1, d]
-            g = self.context_mlp(context)  # [B, N|1, d]
-            z_emb = z + z * g  # [B, N, d] Z_emb = Z + Z ⊙ g
-            # step 3: π = Softmax(MLP(Z_emb)) = [1-α, α], kept in log space for stability
-            log_pi = F.log_softmax(self.keep_mlp(z_emb), dim=-1)  # [B, N, 2]
+            # steps 1-4 up to the draw: log π [B, N, 2] and ω [B, N, 1] (or None)
+            if torch.is_grad_enabled() and not exporting():  # recomputed in the backward pass
+                log_pi, w = checkpoint(self._scores, z, route_prev, use_reentrant=False,
+                                       preserve_rng_state=False)
+            else:
+                log_pi, w = self._scores(z, route_prev)
             keep_prob = log_pi[..., 1].exp() * mask  # [B, N] α
             keep_logit = log_pi[..., 1] - log_pi[..., 0]  # [B, N] log α - log(1-α)
-            # step 4: adaptive weight ω = ReLU(MLP(Z_emb)) (+ floor), or the fixed-τ ablation
-            if self.omega_mlp is not None:
-                w = opts.omega_floor + F.relu(self.omega_mlp(z_emb))  # [B, N, 1] ω
+            if w is not None:
                 omega = w.squeeze(-1) * mask  # [B, N]
                 scaled, tau = w * log_pi, 1.0  # [B, N, 2] ω log π
             else:
