@@ -394,6 +394,112 @@ def pathways_section(path: Path) -> list[str]:
     return [text("pathways"), "", "\n".join(body).strip(), ""]
 
 
+BUDGET_BASELINES = {  # RETR with a route budget -> the unbudgeted row of the same recipe
+    "retr-ce-ml-1m-distilled25": "retr-ce-ml-1m-faithful", "retr-ce-beauty-distilled25": "retr-ce-beauty"}
+KEEP_SHARE = 0.95  # pathway-only retraining must keep this share of the all-token NDCG@10
+
+
+def _ndcg(rs: list[dict[str, Any]], protocol: str = "full") -> list[float]:
+    return [t["metrics"]["NDCG@10"] for r in sorted(rs, key=lambda r: r["seed"])
+            if (t := _test(r, protocol)) is not None]
+
+
+def pathway_budget_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
+                           results_dir: Path) -> list[str]:
+    """Ours, on real data: pathway-only retraining at the route budget (all / pathway /
+    random, per dataset and router tag), RETR with the budget against unbudgeted RETR, the
+    deletion test (``routes-real/deletion.md``) and whether each target is met."""
+    po = [rs for rs in tables.get("pathway-only", {}).values() if "tag" in rs[0]]
+    budget = tables.get("pathway-budget", {})
+    deletion = results_dir / "routes-real" / "deletion.md"
+    if not po and not budget and not deletion.exists():
+        return []
+    lines = [text("pathway-budget"), ""]
+    verdicts: list[str] = []
+    if po:
+        lines += [text("pathway-budget-po"), "",
+                  "| dataset | router | retrained on | seeds | test NDCG@10 (full) | ÷ all "
+                  "(ratio of means) | ÷ all per seed | tokens kept (share of window) "
+                  "| users | sampled NDCG@10 |", "|---|---|---|---|---|---|---|---|---|---|"]
+        groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(dict)
+        for rs in po:
+            r0 = rs[0]
+            groups[(r0["source"], r0["tag"])][f"{r0['model']}:{r0['variant']}"] = rs
+        for (source, tag), by_variant in sorted(groups.items()):
+            base = {r["seed"]: v for r in by_variant.get("sasrec:all", [])
+                    for v in _ndcg([r])}
+            means = {}
+            for variant in ("all", "pathway", "random", "off-pathway"):
+                rs = by_variant.get(f"sasrec:{variant}")
+                if not rs:
+                    continue
+                values = _ndcg(rs)
+                means[variant] = (statistics.fmean(values), statistics.stdev(values)
+                                  if len(values) > 1 else 0.0, values)
+                ratios = [v / base[r["seed"]] for r, v in
+                          zip(sorted(rs, key=lambda r: r["seed"]), values, strict=True)
+                          if r["seed"] in base]
+                ratio = (f"{means[variant][0] / means['all'][0]:.3f}" if "all" in means else "-")
+                share = [r["variant_stats"]["share_of_window"] for r in rs]
+                lines.append(
+                    f"| {source} | {tag} | {variant} (SASRec) "
+                    f"| {','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} "
+                    f"| {_fmt(values)} | {ratio} | {', '.join(f'{x:.3f}' for x in ratios)} "
+                    f"| {statistics.fmean(share):.3f} | {rs[0]['routes']['users_evaluated']} "
+                    f"| {_fmt(_ndcg(rs, 'sampled'))} |")
+            if "all" in means and "pathway" in means:
+                kept = means["pathway"][0] / means["all"][0]
+                seeds = len(means["pathway"][2])
+                verdicts.append(
+                    f"- {source}, {tag}: pathway-only keeps {kept:.1%} of the "
+                    f"all-token test NDCG@10 ({seeds} seed{'s' * (seeds > 1)}): target ≥ "
+                    f"{KEEP_SHARE:.0%} **{'met' if kept >= KEEP_SHARE else 'not met'}**.")
+            if "all" in means and "pathway" in means and "random" in means:
+                (pm, psd, _), (rm, rsd, rv) = means["pathway"], means["random"]
+                clear = rm + rsd < pm - psd and rm / means["all"][0] < KEEP_SHARE
+                verdicts.append(
+                    f"- {source}, {tag}: random tokens at the same per-user "
+                    f"count keep {rm / means['all'][0]:.1%} ({len(rv)} seed"
+                    f"{'s' * (len(rv) > 1)}); \"clearly less\" (mean + sd below the "
+                    f"pathway's mean − sd, and under {KEEP_SHARE:.0%}) "
+                    f"**{'met' if clear else 'not met'}**.")
+    if budget:
+        lines += [text("pathway-budget-retr"), "",
+                  "| run (ours) | seeds | test NDCG@10 (full) | unbudgeted run | seeds "
+                  "| test NDCG@10 (full) | difference | lowest unbudgeted seed | sampled "
+                  "NDCG@10, budget / unbudgeted |", "|---|---|---|---|---|---|---|---|---|"]
+        for label, rs in sorted(budget.items()):
+            ref_label = BUDGET_BASELINES.get(label, "")
+            ref = tables.get("intra-domain", {}).get(ref_label, [])
+            ours, theirs = _ndcg(rs), _ndcg(ref)
+            if not theirs:
+                lines.append(f"| {label} | {len(ours)} | {_fmt(ours)} | - | - | - | - | - | - |")
+                continue
+            diff = statistics.fmean(ours) - statistics.fmean(theirs)
+            lines.append(
+                f"| {label} | {','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} "
+                f"| {_fmt(ours)} | {ref_label} "
+                f"| {','.join(str(r['seed']) for r in sorted(ref, key=lambda r: r['seed']))} "
+                f"| {_fmt(theirs)} | {diff:+.4f} ({diff / statistics.fmean(theirs):+.1%}) "
+                f"| {min(theirs):.4f} | {_fmt(_ndcg(rs, 'sampled'))} / {_fmt(_ndcg(ref, 'sampled'))} |")
+            ok = statistics.fmean(ours) >= min(theirs)
+            verdicts.append(
+                f"- {label} ({len(ours)} seed{'s' * (len(ours) > 1)}) against {ref_label}: mean "
+                f"test NDCG@10 {statistics.fmean(ours):.4f} vs {statistics.fmean(theirs):.4f}; "
+                f"within the unbudgeted seed spread or above (mean ≥ its lowest seed, "
+                f"{min(theirs):.4f}) **{'met' if ok else 'not met'}**.")
+    if deletion.exists():
+        body = []
+        for line in deletion.read_text(encoding="utf-8").splitlines():
+            if line.startswith("# "):
+                continue
+            body.append("##" + line if line.startswith("## ") else line)
+        lines += ["\n".join(body).strip(), ""]
+    if verdicts:
+        lines += [text("pathway-budget-targets"), "", *verdicts, ""]
+    return lines
+
+
 def build(records: list[dict[str, Any]], results_dir: Path,
           grids: list[Path] | None = None) -> str:
     tables: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -424,8 +530,9 @@ def build(records: list[dict[str, Any]], results_dir: Path,
             groups = {**{label: rs for label, rs in intra.items()
                          if any(a.startswith(label + "-") for a in groups)}, **groups}
             lines += [text("ablation-deltas"), "", *ablation_deltas(groups), ""]
-        if key == "pathway-only":
-            stats = next(iter(groups.values()))[0].get("routes", {})
+        if key == "pathway-only":  # the untagged (paper-default router) rows' routes
+            untagged = [rs for rs in groups.values() if "tag" not in rs[0]] or list(groups.values())
+            stats = untagged[0][0].get("routes", {})
             lines += [text("route-statistics", stats=json.dumps(stats)), ""]
         for protocol in PROTOCOLS:
             lines += [text(f"ranking {protocol}", title=title), "", *table(groups, protocol), ""]
@@ -438,6 +545,7 @@ def build(records: list[dict[str, Any]], results_dir: Path,
             for label, rs in sorted(tables["pretrain"].items()))), ""]
     if (results_dir / "routes" / "pathways.md").exists():
         lines += pathways_section(results_dir / "routes" / "pathways.md")
+    lines += pathway_budget_section(tables, results_dir)
     lines += coverage(records, grids or [])
     if (results_dir / "params_flops.json").exists():
         lines += params_section(results_dir / "params_flops.json")

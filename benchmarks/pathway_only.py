@@ -163,7 +163,7 @@ def main() -> None:
             run_and_record(args.out, name, argv, run_dir,
                            {"table": "pathway-only", "label": label, "seed": seed,
                             "routes": stats, "retr_run": str(args.run), "variant": variant,
-                            "variant_stats": variant_stats, **({"tag": args.tag} if args.tag else {})})
+                            "source": source, "model": model, "variant_stats": variant_stats, **({"tag": args.tag} if args.tag else {})})
 
 
 if __name__ == "__main__":
