@@ -404,6 +404,15 @@ def _ndcg(rs: list[dict[str, Any]], protocol: str = "full") -> list[float]:
             if (t := _test(r, protocol)) is not None]
 
 
+def _keep(rs: list[dict[str, Any]]) -> str:
+    """Mean inference keep rate per layer over the runs (their results.json route stats)."""
+    layers = [r["results"].get("routes", {}).get("layers", []) for r in rs]
+    if not all(layers):
+        return "-"
+    return " / ".join(f"{statistics.fmean(ls[i]['keep_rate'] for ls in layers):.3f}"
+                      for i in range(len(layers[0])))
+
+
 def pathway_budget_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
                            results_dir: Path) -> list[str]:
     """Ours, on real data: pathway-only retraining at the route budget (all / pathway /
@@ -447,33 +456,42 @@ def pathway_budget_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
                     f"| {_fmt(values)} | {ratio} | {', '.join(f'{x:.3f}' for x in ratios)} "
                     f"| {statistics.fmean(share):.3f} | {rs[0]['routes']['users_evaluated']} "
                     f"| {_fmt(_ndcg(rs, 'sampled'))} |")
+        for (source, tag), by_variant in sorted(groups.items()):
+            means = {v: statistics.fmean(_ndcg(rs)) for v in ("all", "pathway", "random")
+                     if (rs := by_variant.get(f"sasrec:{v}"))}
+            values = {v: _ndcg(rs) for v in ("all", "pathway", "random")
+                      if (rs := by_variant.get(f"sasrec:{v}"))}
+            sds = {v: statistics.stdev(x) if len(x) > 1 else 0.0 for v, x in values.items()}
             if "all" in means and "pathway" in means:
-                kept = means["pathway"][0] / means["all"][0]
-                seeds = len(means["pathway"][2])
+                kept = means["pathway"] / means["all"]
+                seeds = len(values["pathway"])
                 verdicts.append(
-                    f"- {source}, {tag}: pathway-only keeps {kept:.1%} of the "
-                    f"all-token test NDCG@10 ({seeds} seed{'s' * (seeds > 1)}): target ≥ "
-                    f"{KEEP_SHARE:.0%} **{'met' if kept >= KEEP_SHARE else 'not met'}**.")
+                    f"- {source}, {tag}: pathway-only keeps {kept:.1%} of the all-token test "
+                    f"NDCG@10 ({seeds} seed{'s' * (seeds > 1)}): target ≥ {KEEP_SHARE:.0%} "
+                    f"**{'met' if kept >= KEEP_SHARE else 'not met'}**.")
             if "all" in means and "pathway" in means and "random" in means:
-                (pm, psd, _), (rm, rsd, rv) = means["pathway"], means["random"]
-                clear = rm + rsd < pm - psd and rm / means["all"][0] < KEEP_SHARE
+                pm, rm = means["pathway"], means["random"]
+                clear = rm + sds["random"] < pm - sds["pathway"] and rm / means["all"] < KEEP_SHARE
+                seeds = len(values["random"])
                 verdicts.append(
-                    f"- {source}, {tag}: random tokens at the same per-user "
-                    f"count keep {rm / means['all'][0]:.1%} ({len(rv)} seed"
-                    f"{'s' * (len(rv) > 1)}); \"clearly less\" (mean + sd below the "
-                    f"pathway's mean − sd, and under {KEEP_SHARE:.0%}) "
-                    f"**{'met' if clear else 'not met'}**.")
+                    f"- {source}, {tag}: random tokens at the same per-user count keep "
+                    f"{rm / means['all']:.1%} ({seeds} seed{'s' * (seeds > 1)}); \"clearly "
+                    f"less\" than the pathway (mean + sd below the pathway's mean − sd, and "
+                    f"under {KEEP_SHARE:.0%}) **{'met' if clear else 'not met'}**.")
+        lines.append("")
     if budget:
         lines += [text("pathway-budget-retr"), "",
                   "| run (ours) | seeds | test NDCG@10 (full) | unbudgeted run | seeds "
                   "| test NDCG@10 (full) | difference | lowest unbudgeted seed | sampled "
-                  "NDCG@10, budget / unbudgeted |", "|---|---|---|---|---|---|---|---|---|"]
+                  "NDCG@10, budget / unbudgeted | keep rate L1 / L2 (test, inference) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for label, rs in sorted(budget.items()):
             ref_label = BUDGET_BASELINES.get(label, "")
             ref = tables.get("intra-domain", {}).get(ref_label, [])
             ours, theirs = _ndcg(rs), _ndcg(ref)
             if not theirs:
-                lines.append(f"| {label} | {len(ours)} | {_fmt(ours)} | - | - | - | - | - | - |")
+                lines.append(f"| {label} | {len(ours)} | {_fmt(ours)} | - | - | - | - | - | - "
+                             "| - |")
                 continue
             diff = statistics.fmean(ours) - statistics.fmean(theirs)
             lines.append(
@@ -481,15 +499,18 @@ def pathway_budget_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
                 f"| {_fmt(ours)} | {ref_label} "
                 f"| {','.join(str(r['seed']) for r in sorted(ref, key=lambda r: r['seed']))} "
                 f"| {_fmt(theirs)} | {diff:+.4f} ({diff / statistics.fmean(theirs):+.1%}) "
-                f"| {min(theirs):.4f} | {_fmt(_ndcg(rs, 'sampled'))} / {_fmt(_ndcg(ref, 'sampled'))} |")
+                f"| {min(theirs):.4f} | {_fmt(_ndcg(rs, 'sampled'))} / {_fmt(_ndcg(ref, 'sampled'))} "
+                f"| {_keep(rs)} |")
             ok = statistics.fmean(ours) >= min(theirs)
             verdicts.append(
                 f"- {label} ({len(ours)} seed{'s' * (len(ours) > 1)}) against {ref_label}: mean "
                 f"test NDCG@10 {statistics.fmean(ours):.4f} vs {statistics.fmean(theirs):.4f}; "
                 f"within the unbudgeted seed spread or above (mean ≥ its lowest seed, "
                 f"{min(theirs):.4f}) **{'met' if ok else 'not met'}**.")
+    if budget:
+        lines.append("")
     if deletion.exists():
-        body = []
+        body = [text("pathway-budget-deletion"), ""]
         for line in deletion.read_text(encoding="utf-8").splitlines():
             if line.startswith("# "):
                 continue
