@@ -71,7 +71,9 @@ def routes(run_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray
     stats = {"users": int(len(seqs)), "window_tokens": int(real.sum()),
              "kept_fraction": round(float(keep.sum() / max(real.sum(), 1)), 4),
              "users_with_empty_pathway": int(((keep.sum(1) == 0)).sum()),
-             "users_with_empty_off_pathway": int(((real & ~keep).sum(1) == 0).sum())}
+             "users_with_empty_off_pathway": int(((real & ~keep).sum(1) == 0).sum()),
+             # the newest behaviour (the window's last real token, left padding) on the route
+             "last_token_kept": round(float(keep[:, -1][real[:, -1]].mean()), 4)}
     return [dataset.vocab.users[u] for u in valid.users], seqs, keep, targets, stats
 
 
