@@ -404,6 +404,12 @@ def _ndcg(rs: list[dict[str, Any]], protocol: str = "full") -> list[float]:
             if (t := _test(r, protocol)) is not None]
 
 
+def _newest(rs: list[dict[str, Any]]) -> str:
+    """How often the route kept the window's newest behaviour, where the record says."""
+    shares = [r["routes"]["last_token_kept"] for r in rs if "last_token_kept" in r["routes"]]
+    return f"{statistics.fmean(shares):.3f} ({len(shares)})" if shares else "-"
+
+
 def _keep(rs: list[dict[str, Any]]) -> str:
     """Mean inference keep rate per layer over the runs (their results.json route stats)."""
     layers = [r["results"].get("routes", {}).get("layers", []) for r in rs]
@@ -429,7 +435,8 @@ def pathway_budget_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
         lines += [text("pathway-budget-po"), "",
                   "| dataset | router | retrained on | seeds | test NDCG@10 (full) | ÷ all "
                   "(ratio of means) | ÷ all per seed | tokens kept (share of window) "
-                  "| users | sampled NDCG@10 |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| users | sampled NDCG@10 | newest behaviour on the route (seeds recorded) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(dict)
         for rs in po:
             r0 = rs[0]
@@ -455,7 +462,7 @@ def pathway_budget_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
                     f"| {','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} "
                     f"| {_fmt(values)} | {ratio} | {', '.join(f'{x:.3f}' for x in ratios)} "
                     f"| {statistics.fmean(share):.3f} | {rs[0]['routes']['users_evaluated']} "
-                    f"| {_fmt(_ndcg(rs, 'sampled'))} |")
+                    f"| {_fmt(_ndcg(rs, 'sampled'))} | {_newest(rs) if variant == 'pathway' else '-'} |")
         for (source, tag), by_variant in sorted(groups.items()):
             means = {v: statistics.fmean(_ndcg(rs)) for v in ("all", "pathway", "random")
                      if (rs := by_variant.get(f"sasrec:{v}"))}
