@@ -480,11 +480,13 @@ def pathway_budget_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
                 pm, rm = means["pathway"], means["random"]
                 clear = rm + sds["random"] < pm - sds["pathway"] and rm / means["all"] < KEEP_SHARE
                 seeds = len(values["random"])
+                verdict = ("met" if clear else "not met") if min(
+                    len(values["random"]), len(values["pathway"])) > 1 else "undecided (one seed)"
                 verdicts.append(
                     f"- {source}, {tag}: random tokens at the same per-user count keep "
                     f"{rm / means['all']:.1%} ({seeds} seed{'s' * (seeds > 1)}); \"clearly "
                     f"less\" than the pathway (mean + sd below the pathway's mean − sd, and "
-                    f"under {KEEP_SHARE:.0%}) **{'met' if clear else 'not met'}**.")
+                    f"under {KEEP_SHARE:.0%}) **{verdict}**.")
         lines.append("")
     if budget:
         lines += [text("pathway-budget-retr"), "",
