@@ -394,8 +394,10 @@ def pathways_section(path: Path) -> list[str]:
     return [text("pathways"), "", "\n".join(body).strip(), ""]
 
 
-BUDGET_BASELINES = {  # RETR with a route budget -> the unbudgeted row of the same recipe
-    "retr-ce-ml-1m-distilled25": "retr-ce-ml-1m-faithful", "retr-ce-beauty-distilled25": "retr-ce-beauty"}
+BUDGET_BASELINES = {  # RETR with a route budget -> the unbudgeted rows of the same recipe, the
+    # first one present (today's defaults) decides the target
+    "retr-ce-ml-1m-distilled25": ("retr-ce-ml-1m-faithful",),
+    "retr-ce-beauty-distilled25": ("retr-ce-beauty-faithful", "retr-ce-beauty")}
 KEEP_SHARE = 0.95  # pathway-only retraining must keep this share of the all-token NDCG@10
 
 
@@ -495,27 +497,31 @@ def pathway_budget_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
                   "NDCG@10, budget / unbudgeted | keep rate L1 / L2 (test, inference) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for label, rs in sorted(budget.items()):
-            ref_label = BUDGET_BASELINES.get(label, "")
-            ref = tables.get("intra-domain", {}).get(ref_label, [])
-            ours, theirs = _ndcg(rs), _ndcg(ref)
-            if not theirs:
+            ours = _ndcg(rs)
+            refs = [(ref_label, ref) for ref_label in BUDGET_BASELINES.get(label, ())
+                    if (ref := tables.get("intra-domain", {}).get(ref_label))]
+            if not refs:
                 lines.append(f"| {label} | {len(ours)} | {_fmt(ours)} | - | - | - | - | - | - "
                              "| - |")
-                continue
-            diff = statistics.fmean(ours) - statistics.fmean(theirs)
-            lines.append(
-                f"| {label} | {','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} "
-                f"| {_fmt(ours)} | {ref_label} "
-                f"| {','.join(str(r['seed']) for r in sorted(ref, key=lambda r: r['seed']))} "
-                f"| {_fmt(theirs)} | {diff:+.4f} ({diff / statistics.fmean(theirs):+.1%}) "
-                f"| {min(theirs):.4f} | {_fmt(_ndcg(rs, 'sampled'))} / {_fmt(_ndcg(ref, 'sampled'))} "
-                f"| {_keep(rs)} |")
-            ok = statistics.fmean(ours) >= min(theirs)
-            verdicts.append(
-                f"- {label} ({len(ours)} seed{'s' * (len(ours) > 1)}) against {ref_label}: mean "
-                f"test NDCG@10 {statistics.fmean(ours):.4f} vs {statistics.fmean(theirs):.4f}; "
-                f"within the unbudgeted seed spread or above (mean ≥ its lowest seed, "
-                f"{min(theirs):.4f}) **{'met' if ok else 'not met'}**.")
+            for ref_label, ref in refs:
+                theirs = _ndcg(ref)
+                diff = statistics.fmean(ours) - statistics.fmean(theirs)
+                lines.append(
+                    f"| {label} | {','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} "
+                    f"| {_fmt(ours)} | {ref_label} "
+                    f"| {','.join(str(r['seed']) for r in sorted(ref, key=lambda r: r['seed']))} "
+                    f"| {_fmt(theirs)} | {diff:+.4f} ({diff / statistics.fmean(theirs):+.1%}) "
+                    f"| {min(theirs):.4f} | {_fmt(_ndcg(rs, 'sampled'))} / {_fmt(_ndcg(ref, 'sampled'))} "
+                    f"| {_keep(rs)} |")
+            if refs:
+                ref_label, ref = refs[0]
+                theirs = _ndcg(ref)
+                ok = statistics.fmean(ours) >= min(theirs)
+                verdicts.append(
+                    f"- {label} ({len(ours)} seed{'s' * (len(ours) > 1)}) against {ref_label}: "
+                    f"mean test NDCG@10 {statistics.fmean(ours):.4f} vs "
+                    f"{statistics.fmean(theirs):.4f}; within the unbudgeted seed spread or above "
+                    f"(mean ≥ its lowest seed, {min(theirs):.4f}) **{'met' if ok else 'not met'}**.")
     if budget:
         lines.append("")
     if deletion.exists():
