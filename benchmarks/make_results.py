@@ -532,7 +532,8 @@ def pathway_budget_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
             body.append("##" + line if line.startswith("## ") else line)
         lines += ["\n".join(body).strip(), ""]
     if verdicts:
-        lines += [text("pathway-budget-targets"), "", *verdicts, ""]
+        lines += [text("pathway-budget-targets"), "", *verdicts, "",
+                  text("pathway-budget-notes"), ""]
     return lines
 
 
