@@ -398,6 +398,7 @@ BUDGET_BASELINES = {  # RETR with a route budget -> the unbudgeted rows of the s
     # first one present (today's defaults) decides the target
     "retr-ce-ml-1m-distilled25": ("retr-ce-ml-1m-faithful",),
     "retr-ce-beauty-distilled25": ("retr-ce-beauty-faithful", "retr-ce-beauty")}
+VARIANT_ORDER = ("all", "pathway", "random", "off-pathway")
 KEEP_SHARE = 0.95  # pathway-only retraining must keep this share of the all-token NDCG@10
 
 
@@ -444,33 +445,24 @@ def pathway_budget_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
             r0 = rs[0]
             groups[(r0["source"], r0["tag"])][f"{r0['model']}:{r0['variant']}"] = rs
         for (source, tag), by_variant in sorted(groups.items()):
-            base = {r["seed"]: v for r in by_variant.get("sasrec:all", [])
-                    for v in _ndcg([r])}
-            means = {}
-            for variant in ("all", "pathway", "random", "off-pathway"):
-                rs = by_variant.get(f"sasrec:{variant}")
-                if not rs:
-                    continue
-                values = _ndcg(rs)
-                means[variant] = (statistics.fmean(values), statistics.stdev(values)
-                                  if len(values) > 1 else 0.0, values)
-                ratios = [v / base[r["seed"]] for r, v in
-                          zip(sorted(rs, key=lambda r: r["seed"]), values, strict=True)
+            found = {v: sorted(by_variant[f"sasrec:{v}"], key=lambda r: r["seed"])
+                     for v in VARIANT_ORDER if by_variant.get(f"sasrec:{v}")}
+            values = {v: _ndcg(rs) for v, rs in found.items()}
+            means = {v: statistics.fmean(x) for v, x in values.items()}
+            sds = {v: statistics.stdev(x) if len(x) > 1 else 0.0 for v, x in values.items()}
+            base = {r["seed"]: x for r, x in zip(found.get("all", []), values.get("all", []),
+                                                 strict=True)}
+            for variant, rs in found.items():
+                ratios = [x / base[r["seed"]] for r, x in zip(rs, values[variant], strict=True)
                           if r["seed"] in base]
-                ratio = (f"{means[variant][0] / means['all'][0]:.3f}" if "all" in means else "-")
+                ratio = f"{means[variant] / means['all']:.3f}" if "all" in means else "-"
                 share = [r["variant_stats"]["share_of_window"] for r in rs]
                 lines.append(
                     f"| {source} | {tag} | {variant} (SASRec) "
-                    f"| {','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} "
-                    f"| {_fmt(values)} | {ratio} | {', '.join(f'{x:.3f}' for x in ratios)} "
+                    f"| {','.join(str(r['seed']) for r in rs)} "
+                    f"| {_fmt(values[variant])} | {ratio} | {', '.join(f'{x:.3f}' for x in ratios)} "
                     f"| {statistics.fmean(share):.3f} | {rs[0]['routes']['users_evaluated']} "
                     f"| {_fmt(_ndcg(rs, 'sampled'))} | {_newest(rs) if variant == 'pathway' else '-'} |")
-        for (source, tag), by_variant in sorted(groups.items()):
-            means = {v: statistics.fmean(_ndcg(rs)) for v in ("all", "pathway", "random")
-                     if (rs := by_variant.get(f"sasrec:{v}"))}
-            values = {v: _ndcg(rs) for v in ("all", "pathway", "random")
-                      if (rs := by_variant.get(f"sasrec:{v}"))}
-            sds = {v: statistics.stdev(x) if len(x) > 1 else 0.0 for v, x in values.items()}
             if "all" in means and "pathway" in means:
                 kept = means["pathway"] / means["all"]
                 seeds = len(values["pathway"])
@@ -498,8 +490,9 @@ def pathway_budget_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for label, rs in sorted(budget.items()):
             ours = _ndcg(rs)
-            refs = [(ref_label, ref) for ref_label in BUDGET_BASELINES.get(label, ())
-                    if (ref := tables.get("intra-domain", {}).get(ref_label))]
+            intra = tables.get("intra-domain", {})
+            refs = [(ref_label, intra[ref_label]) for ref_label in BUDGET_BASELINES.get(label, ())
+                    if intra.get(ref_label)]
             if not refs:
                 lines.append(f"| {label} | {len(ours)} | {_fmt(ours)} | - | - | - | - | - | - "
                              "| - |")
