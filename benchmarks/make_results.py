@@ -571,6 +571,142 @@ def pathways_section(path: Path) -> list[str]:
     return [text("pathways"), "", "\n".join(body).strip(), ""]
 
 
+BUDGET_BASELINES = {  # RETR with a route budget -> the unbudgeted rows of the same recipe, the
+    # first one present (today's defaults) decides the target
+    "retr-ce-ml-1m-distilled25": ("retr-ce-ml-1m-faithful",),
+    "retr-ce-beauty-distilled25": ("retr-ce-beauty-faithful", "retr-ce-beauty")}
+VARIANT_ORDER = ("all", "pathway", "random", "off-pathway")
+KEEP_SHARE = 0.95  # pathway-only retraining must keep this share of the all-token NDCG@10
+
+
+def _ndcg(rs: list[dict[str, Any]], protocol: str = "full") -> list[float]:
+    return [t["metrics"]["NDCG@10"] for r in sorted(rs, key=lambda r: r["seed"])
+            if (t := _test(r, protocol)) is not None]
+
+
+def _newest(rs: list[dict[str, Any]]) -> str:
+    """How often the route kept the window's newest behaviour, where the record says."""
+    shares = [r["routes"]["last_token_kept"] for r in rs if "last_token_kept" in r["routes"]]
+    return f"{statistics.fmean(shares):.3f} ({len(shares)})" if shares else "-"
+
+
+def _keep(rs: list[dict[str, Any]]) -> str:
+    """Mean inference keep rate per layer over the runs (their results.json route stats)."""
+    layers = [r["results"].get("routes", {}).get("layers", []) for r in rs]
+    if not all(layers):
+        return "-"
+    return " / ".join(f"{statistics.fmean(ls[i]['keep_rate'] for ls in layers):.3f}"
+                      for i in range(len(layers[0])))
+
+
+def pathway_budget_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
+                           results_dir: Path) -> list[str]:
+    """Ours, on real data: pathway-only retraining at the route budget (all / pathway /
+    random, per dataset and router tag), RETR with the budget against unbudgeted RETR, the
+    deletion test (``routes-real/deletion.md``) and whether each target is met."""
+    po = [rs for rs in tables.get("pathway-only", {}).values() if "tag" in rs[0]]
+    budget = tables.get("pathway-budget", {})
+    deletion = results_dir / "routes-real" / "deletion.md"
+    if not po and not budget and not deletion.exists():
+        return []
+    lines = [text("pathway-budget"), ""]
+    verdicts: list[str] = []
+    if po:
+        lines += [text("pathway-budget-po"), "",
+                  "| dataset | router | retrained on | seeds | test NDCG@10 (full) | ÷ all "
+                  "(ratio of means) | ÷ all per seed | tokens kept (share of window) "
+                  "| users | sampled NDCG@10 | newest behaviour on the route (seeds recorded) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(dict)
+        for rs in po:
+            r0 = rs[0]
+            groups[(r0["source"], r0["tag"])][f"{r0['model']}:{r0['variant']}"] = rs
+        for (source, tag), by_variant in sorted(groups.items()):
+            found = {v: sorted(by_variant[f"sasrec:{v}"], key=lambda r: r["seed"])
+                     for v in VARIANT_ORDER if by_variant.get(f"sasrec:{v}")}
+            values = {v: _ndcg(rs) for v, rs in found.items()}
+            means = {v: statistics.fmean(x) for v, x in values.items()}
+            sds = {v: statistics.stdev(x) if len(x) > 1 else 0.0 for v, x in values.items()}
+            base = {r["seed"]: x for r, x in zip(found.get("all", []), values.get("all", []),
+                                                 strict=True)}
+            for variant, rs in found.items():
+                ratios = [x / base[r["seed"]] for r, x in zip(rs, values[variant], strict=True)
+                          if r["seed"] in base]
+                ratio = f"{means[variant] / means['all']:.3f}" if "all" in means else "-"
+                share = [r["variant_stats"]["share_of_window"] for r in rs]
+                lines.append(
+                    f"| {source} | {tag} | {variant} (SASRec) "
+                    f"| {','.join(str(r['seed']) for r in rs)} "
+                    f"| {_fmt(values[variant])} | {ratio} | {', '.join(f'{x:.3f}' for x in ratios)} "
+                    f"| {statistics.fmean(share):.3f} | {rs[0]['routes']['users_evaluated']} "
+                    f"| {_fmt(_ndcg(rs, 'sampled'))} | {_newest(rs) if variant == 'pathway' else '-'} |")
+            if "all" in means and "pathway" in means:
+                kept = means["pathway"] / means["all"]
+                seeds = len(values["pathway"])
+                verdicts.append(
+                    f"- {source}, {tag}: pathway-only keeps {kept:.1%} of the all-token test "
+                    f"NDCG@10 ({seeds} seed{'s' * (seeds > 1)}): target ≥ {KEEP_SHARE:.0%} "
+                    f"**{'met' if kept >= KEEP_SHARE else 'not met'}**.")
+            if "all" in means and "pathway" in means and "random" in means:
+                pm, rm = means["pathway"], means["random"]
+                clear = rm + sds["random"] < pm - sds["pathway"] and rm / means["all"] < KEEP_SHARE
+                seeds = len(values["random"])
+                verdict = ("met" if clear else "not met") if min(
+                    len(values["random"]), len(values["pathway"])) > 1 else "undecided (one seed)"
+                verdicts.append(
+                    f"- {source}, {tag}: random tokens at the same per-user count keep "
+                    f"{rm / means['all']:.1%} ({seeds} seed{'s' * (seeds > 1)}); \"clearly "
+                    f"less\" than the pathway (mean + sd below the pathway's mean − sd, and "
+                    f"under {KEEP_SHARE:.0%}) **{verdict}**.")
+        lines.append("")
+    if budget:
+        lines += [text("pathway-budget-retr"), "",
+                  "| run (ours) | seeds | test NDCG@10 (full) | unbudgeted run | seeds "
+                  "| test NDCG@10 (full) | difference | lowest unbudgeted seed | sampled "
+                  "NDCG@10, budget / unbudgeted | keep rate L1 / L2 (test, inference) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for label, rs in sorted(budget.items()):
+            ours = _ndcg(rs)
+            intra = tables.get("intra-domain", {})
+            refs = [(ref_label, intra[ref_label]) for ref_label in BUDGET_BASELINES.get(label, ())
+                    if intra.get(ref_label)]
+            if not refs:
+                lines.append(f"| {label} | {len(ours)} | {_fmt(ours)} | - | - | - | - | - | - "
+                             "| - |")
+            for ref_label, ref in refs:
+                theirs = _ndcg(ref)
+                diff = statistics.fmean(ours) - statistics.fmean(theirs)
+                lines.append(
+                    f"| {label} | {','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} "
+                    f"| {_fmt(ours)} | {ref_label} "
+                    f"| {','.join(str(r['seed']) for r in sorted(ref, key=lambda r: r['seed']))} "
+                    f"| {_fmt(theirs)} | {diff:+.4f} ({diff / statistics.fmean(theirs):+.1%}) "
+                    f"| {min(theirs):.4f} | {_fmt(_ndcg(rs, 'sampled'))} / {_fmt(_ndcg(ref, 'sampled'))} "
+                    f"| {_keep(rs)} |")
+            if refs:
+                ref_label, ref = refs[0]
+                theirs = _ndcg(ref)
+                ok = statistics.fmean(ours) >= min(theirs)
+                verdicts.append(
+                    f"- {label} ({len(ours)} seed{'s' * (len(ours) > 1)}) against {ref_label}: "
+                    f"mean test NDCG@10 {statistics.fmean(ours):.4f} vs "
+                    f"{statistics.fmean(theirs):.4f}; within the unbudgeted seed spread or above "
+                    f"(mean ≥ its lowest seed, {min(theirs):.4f}) **{'met' if ok else 'not met'}**.")
+    if budget:
+        lines.append("")
+    if deletion.exists():
+        body = [text("pathway-budget-deletion"), ""]
+        for line in deletion.read_text(encoding="utf-8").splitlines():
+            if line.startswith("# "):
+                continue
+            body.append("##" + line if line.startswith("## ") else line)
+        lines += ["\n".join(body).strip(), ""]
+    if verdicts:
+        lines += [text("pathway-budget-targets"), "", *verdicts, "",
+                  text("pathway-budget-notes"), ""]
+    return lines
+
+
 def build(records: list[dict[str, Any]], results_dir: Path,
           grids: list[Path] | None = None) -> str:
     tables: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -601,8 +737,9 @@ def build(records: list[dict[str, Any]], results_dir: Path,
             groups = {**{label: rs for label, rs in intra.items()
                          if any(a.startswith(label + "-") for a in groups)}, **groups}
             lines += [text("ablation-deltas"), "", *ablation_deltas(groups), ""]
-        if key == "pathway-only":
-            stats = next(iter(groups.values()))[0].get("routes", {})
+        if key == "pathway-only":  # the untagged (paper-default router) rows' routes
+            untagged = [rs for rs in groups.values() if "tag" not in rs[0]] or list(groups.values())
+            stats = untagged[0][0].get("routes", {})
             lines += [text("route-statistics", stats=json.dumps(stats)), ""]
         for protocol in PROTOCOLS:
             lines += [text(f"ranking {protocol}", title=title), "", *table(groups, protocol), ""]
@@ -616,6 +753,7 @@ def build(records: list[dict[str, Any]], results_dir: Path,
     lines += goal_section(tables)
     if (results_dir / "routes" / "pathways.md").exists():
         lines += pathways_section(results_dir / "routes" / "pathways.md")
+    lines += pathway_budget_section(tables, results_dir)
     lines += coverage(records, grids or [])
     if (results_dir / "params_flops.json").exists():
         lines += params_section(results_dir / "params_flops.json")

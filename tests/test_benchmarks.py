@@ -497,3 +497,39 @@ def test_results_prose_and_published_numbers_live_in_files(tmp_path: Path) -> No
     assert make_results.module_form("python benchmarks/bench_speed.py --only 2 --max-len 50") \
         == "python -m benchmarks.bench_speed --only 2 --max-len 50"
     assert make_results.module_form("retr train --config c.toml") == "retr train --config c.toml"
+
+
+def test_pathway_only_random_control_matches_the_route_per_user() -> None:
+    real = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]], dtype=bool)
+    keep = np.array([[0, 0, 1, 0, 0, 1], [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]], dtype=bool)
+    mask = pathway_only.random_mask(real, keep, seed=0)
+    assert (mask.sum(1) == keep.sum(1)).all() and not (mask & ~real).any()
+    assert (mask == pathway_only.random_mask(real, keep, seed=0)).all()  # seeded
+    assert pathway_only.parse_variants("all,random,retr:pathway") == [
+        ("sasrec", "all"), ("sasrec", "random"), ("retr", "pathway")]
+    with pytest.raises(SystemExit):
+        pathway_only.parse_variants("everything")
+
+
+def test_results_pathway_budget_section(tmp_path: Path) -> None:
+    def po(variant: str, seed: int, value: float) -> dict:
+        r = _record(f"sasrec-ce-toy-d25-{variant}", seed, value, 0.5, table="pathway-only")
+        r.update(tag="d25", variant=variant, source="toy", model="sasrec",
+                 variant_stats={"tokens": 10, "share_of_window": 0.25 if variant != "all" else 1},
+                 routes={"users_evaluated": 7, "last_token_kept": 0.5})
+        return r
+
+    records = [po("all", s, 0.10) for s in (0, 1)] + [po("pathway", 0, 0.096),
+                                                       po("pathway", 1, 0.098)]
+    records += [po("random", 0, 0.05), po("random", 1, 0.06)]
+    records += [_record("retr-ce-ml-1m-faithful", s, v, 0.5) for s, v in ((0, 0.07), (1, 0.08))]
+    records += [_record("retr-ce-ml-1m-distilled25", s, 0.075, 0.5, table="pathway-budget")
+                for s in (0, 1)]
+    text = make_results.build(records, tmp_path)
+    assert "| toy | d25 | pathway (SASRec) | 0,1 | 0.0970 ± 0.0014 | 0.970 |" in text
+    assert "pathway-only keeps 97.0% of the all-token test NDCG@10 (2 seeds): target ≥ 95% " \
+           "**met**" in text
+    assert "random tokens at the same per-user count keep 55.0% (2 seeds)" in text
+    assert "and under 95%) **met**" in text
+    assert "retr-ce-ml-1m-distilled25 (2 seeds) against retr-ce-ml-1m-faithful" in text
+    assert "(mean ≥ its lowest seed, 0.0700) **met**" in text
