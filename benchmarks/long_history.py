@@ -113,7 +113,7 @@ def main() -> None:
                    "epochs_in_budget": len(res["epochs"]), "train_seconds": res["train_seconds"],
                    "valid_full_ndcg10": res["valid_full_ndcg10"],
                    "valid_sampled_ndcg10": res["epochs"][-1]["valid_sampled_ndcg10"],
-                   "loss": args.loss, "code": code_version(),
+                   "loss": args.loss, "code": code_version(), "command": command,
                    "full_ranking_users_per_second": round(res["users"]
                                                           / res["full_ranking_seconds"]),
                    "latency_p50_ms": res["latency"]["p50_ms"],

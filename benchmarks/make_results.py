@@ -433,9 +433,11 @@ def long_history_section(results_dir: Path) -> list[str]:
                      f"{r['valid_full_ndcg10']:.4f} | {r['full_ranking_users_per_second']} | "
                      f"{r['latency_p50_ms']} / {r['latency_p99_ms']} | {r['peak_rss_mb']} | "
                      f"{keep} |")
+    runs = sorted({(r.get("command", data["command"]), r.get("code", data["code"]))
+                   for r in rows if "failed" not in r})
+    commands = "; ".join(f"`{c}` (code {k})" for c, k in runs)
     lines += ["", *long_history_goals(rows),
-              text("long-commands", command=data["command"], code=data["code"],
-                   machine=data["machine"]), ""]
+              text("long-commands", commands=commands, machine=data["machine"]), ""]
     memory = results_dir / "attention_memory.json"
     if memory.exists():
         mem = json.loads(memory.read_text())
