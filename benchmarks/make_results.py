@@ -576,7 +576,9 @@ def pathways_section(path: Path) -> list[str]:
 BUDGET_BASELINES = {  # RETR with a route budget -> the unbudgeted rows of the same recipe, the
     # first one present (today's defaults) decides the target
     "retr-ce-ml-1m-distilled25": ("retr-ce-ml-1m-faithful",),
-    "retr-ce-beauty-distilled25": ("retr-ce-beauty-faithful", "retr-ce-beauty")}
+    "retr-ce-beauty-distilled25": ("retr-ce-beauty-faithful", "retr-ce-beauty"),
+    "retr-ce-ml-1m-keys-distilled25": ("retr-ce-ml-1m-faithful",),
+    "retr-ce-beauty-keys-distilled25": ("retr-ce-beauty-faithful", "retr-ce-beauty")}
 VARIANT_ORDER = ("all", "pathway", "random", "off-pathway")
 KEEP_SHARE = 0.95  # pathway-only retraining must keep this share of the all-token NDCG@10
 
