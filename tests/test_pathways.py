@@ -442,19 +442,22 @@ def test_key_gates_reject_nothing_else() -> None:
 
 def test_router_recomputed_in_the_backward_pass_gives_the_same_gradients(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Training recomputes the router's MLPs in the backward pass (memory): the loss and every
-    gradient are those of keeping their activations."""
+    """``router_recompute`` recomputes the router's MLPs in the backward pass (memory): the loss
+    and every gradient are those of keeping their activations."""
     import retr.models.pathway as pathway
 
     grads = []
+    calls = []
+    real_checkpoint = pathway.checkpoint
+    monkeypatch.setattr(pathway, "checkpoint",
+                        lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
     for recompute in (True, False):
-        if not recompute:
-            monkeypatch.setattr(pathway, "checkpoint", lambda f, *a, **_: f(*a))
-        model = tiny(dropout=0.0, **BUDGET).train()
+        model = tiny(dropout=0.0, router_recompute=recompute, **BUDGET).train()
         torch.manual_seed(3)
         out = model(batch())
         loss = out.hidden.pow(2).mean() + out.extras["aux_loss"].mean()
         grads.append(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
+    assert len(calls) == 2  # one per layer, with the option only
     for a, b in zip(*grads, strict=True):
         assert (a is None) == (b is None)
         if a is not None:

@@ -112,6 +112,8 @@ class RouterOptions:
     # window's last query (the one that predicts at test time), itself included
     sparse_below: float = 0.75  # compute only (ours): below this share of tokens on the route,
     # skip the off-route queries' work (same outputs; benchmarks/pathway_speed.py measured it)
+    router_recompute: bool = False  # compute only (ours): recompute the router's MLPs in the
+    # backward pass instead of keeping their activations (less memory, slower training)
     gate: str = "queries"  # "queries": the route gates queries (the paper) | "keys" (ours): it
     # gates the keys every query may read (itself always), so dropping a token changes the
     # predictions of the later positions
@@ -344,9 +346,9 @@ class PathwayRouter(nn.Module):
     def _scores(self, z: torch.Tensor, route_prev: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Steps 1-4 before the draw: (log π [B, N, 2], ω [B, N, 1] or None for the fixed
-        Gumbel-Softmax). A pure function of its inputs, so training recomputes it in the
-        backward pass rather than keep its [B, N, hidden] activations (ours; the values and
-        gradients are the same, the router's memory is a few [B, N] tensors)."""
+        Gumbel-Softmax). A pure function of its inputs, so with ``router_recompute`` training
+        recomputes it in the backward pass rather than keep its [B, N, hidden] activations
+        (ours; the same values and gradients, the router's memory a few [B, N] tensors)."""
         assert self.context_mlp is not None and self.keep_mlp is not None
         # steps 1-2: global context of the on-route tokens, fused back into every token
         context = pool_on_route(z, route_prev, self.options.pooling)  # [B, N|1, d]
@@ -375,7 +377,7 @@ class PathwayRouter(nn.Module):
             sample = (torch.rand_like(mask) < opts.random_keep_prob).to(z.dtype)  # [B, N]
         else:
             # steps 1-4 up to the draw: log π [B, N, 2] and ω [B, N, 1] (or None)
-            if torch.is_grad_enabled() and not exporting():  # recomputed in the backward pass
+            if opts.router_recompute and torch.is_grad_enabled() and not exporting():
                 log_pi, w = checkpoint(self._scores, z, route_prev, use_reentrant=False,
                                        preserve_rng_state=False)
             else:
