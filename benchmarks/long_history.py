@@ -16,7 +16,9 @@ whose [positions x items] work then outweighs attention's), at windows N of 200 
 3. RETR with a pathway budget ρ = 0.5 (ours: keep-rate penalty, ω floor, threshold rule);
 4. the same at ρ = 0.25 — below ``sparse_below`` the off-route queries' work is skipped in
    training (straight-through slope from a linear-attention sum) and at inference;
-5. RecTools 0.19's SASRec, same settings, in its own virtualenv.
+5. RecTools 0.19's SASRec, same settings, in its own virtualenv;
+6. row 4 with ``model.router_recompute`` (the router's activations recomputed in the backward
+   pass: memory for time).
 
 Each row is one fresh worker process (`benchmarks.speed_worker`, the same one as
 `benchmarks.bench_speed`) with a fixed training budget of ``--minutes`` (whole epochs: the
@@ -51,6 +53,8 @@ ROWS: list[tuple[str, str, str, list[str]]] = [  # (label, implementation, model
     ("retr RETR, budget ρ = 0.5 (ours)", "retr", "retr", ["keep_target=0.5", *BUDGET]),
     ("retr RETR, budget ρ = 0.25 (ours)", "retr", "retr", ["keep_target=0.25", *BUDGET]),
     ("RecTools 0.19 SASRec", "rectools", "sasrec", []),
+    ("retr RETR, budget ρ = 0.25, router recomputed (ours)", "retr", "retr",
+     ["keep_target=0.25", *BUDGET, "router_recompute=true"]),
 ]
 
 

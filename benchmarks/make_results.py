@@ -469,7 +469,8 @@ def long_history_section(results_dir: Path) -> list[str]:
 def long_history_goals(rows: list[dict[str, Any]], n: int = 1024) -> list[str]:
     """The long-history goals at N = ``n``: RETR at ρ = 0.25 against SASRec and RecTools."""
     at = {r["label"]: r for r in rows if r["max_len"] == n and "failed" not in r}
-    ours = next((r for label, r in at.items() if "0.25" in label), None)
+    ours = at.get("retr RETR, budget ρ = 0.25 (ours)") or next(
+        (r for label, r in at.items() if "0.25" in label), None)
     sasrec, peer = at.get("retr SASRec"), at.get("RecTools 0.19 SASRec")
     if ours is None or sasrec is None:
         return []
