@@ -433,9 +433,11 @@ def long_history_section(results_dir: Path) -> list[str]:
                      f"{r['valid_full_ndcg10']:.4f} | {r['full_ranking_users_per_second']} | "
                      f"{r['latency_p50_ms']} / {r['latency_p99_ms']} | {r['peak_rss_mb']} | "
                      f"{keep} |")
-    runs = sorted({(r.get("command", data["command"]), r.get("code", data["code"]))
-                   for r in rows if "failed" not in r})
-    commands = "; ".join(f"`{c}` (code {k})" for c, k in runs)
+    codes: dict[str, set[str]] = defaultdict(set)  # command -> the code its rows ran
+    for r in rows:
+        if "failed" not in r:
+            codes[r.get("command", data["command"])].add(r.get("code", data["code"]))
+    commands = "; ".join(f"`{c}` (code {', '.join(sorted(k))})" for c, k in sorted(codes.items()))
     lines += ["", *long_history_goals(rows),
               text("long-commands", commands=commands, machine=data["machine"]), ""]
     memory = results_dir / "attention_memory.json"
