@@ -439,7 +439,8 @@ def long_history_section(results_dir: Path) -> list[str]:
             codes[r.get("command", data["command"])].add(r.get("code", data["code"]))
     commands = "; ".join(f"`{c}` (code {', '.join(sorted(k))})" for c, k in sorted(codes.items()))
     lines += ["", *long_history_goals(rows),
-              text("long-commands", commands=commands, machine=data["machine"]), ""]
+              text("long-commands", commands=commands, machine=data["machine"]), "",
+              text("long-notes"), ""]
     memory = results_dir / "attention_memory.json"
     if memory.exists():
         mem = json.loads(memory.read_text())
