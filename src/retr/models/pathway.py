@@ -324,22 +324,12 @@ class PathwayRouter(nn.Module):
             context = (w * z).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
         else:
             context = pool_on_route(z, route_prev, opts.pooling)  # [B, 1, d]
-        z_last = z[:, -1:]  # [B, 1, d]
-        z_emb = z_last + z_last * self.context_mlp(context)  # [B, 1, d]
-        log_pi = F.log_softmax(self.keep_mlp(z_emb), dim=-1)  # [B, 1, 2]
+        log_pi, omega = self._heads(z[:, -1:], context)  # [B, 1, 2], [B, 1, 1] or None
+        weighted = opts.route_sample == "weighted" and omega is not None
+        scaled = omega * log_pi if weighted else log_pi  # the sampling score's log odds
         if self.threshold is not None:  # the calibrated threshold on the sampling score
-            if opts.route_sample == "weighted" and self.omega_mlp is not None:
-                omega = opts.omega_floor + F.relu(self.omega_mlp(z_emb))  # [B, 1, 1]
-                scaled = omega * log_pi
-                score = scaled[..., 1] - scaled[..., 0]
-            else:
-                score = log_pi[..., 1] - log_pi[..., 0]  # [B, 1]
-            sample = (score >= self.threshold).to(z.dtype)
-        elif opts.route_sample == "paper" or self.omega_mlp is None:
-            sample = (log_pi[..., 1] >= log_pi[..., 0]).to(z.dtype)  # α >= 1/2
-        else:
-            omega = opts.omega_floor + F.relu(self.omega_mlp(z_emb))  # [B, 1, 1]
-            scaled = omega * log_pi
+            sample = (scaled[..., 1] - scaled[..., 0] >= self.threshold).to(z.dtype)
+        else:  # α >= 1/2, or ω log α >= ω log(1-α) under the weighted sampling
             sample = (scaled[..., 1] >= scaled[..., 0]).to(z.dtype)
         return sample * base * mask  # [B, 1]
 
@@ -349,17 +339,21 @@ class PathwayRouter(nn.Module):
         Gumbel-Softmax). A pure function of its inputs, so with ``router_recompute`` training
         recomputes it in the backward pass rather than keep its [B, N, hidden] activations
         (ours; the same values and gradients, the router's memory a few [B, N] tensors)."""
-        assert self.context_mlp is not None and self.keep_mlp is not None
         # steps 1-2: global context of the on-route tokens, fused back into every token
         context = pool_on_route(z, route_prev, self.options.pooling)  # [B, N|1, d]
-        g = self.context_mlp(context)  # [B, N|1, d]
-        z_emb = z + z * g  # [B, N, d] Z_emb = Z + Z ⊙ g
+        return self._heads(z, context)
+
+    def _heads(self, z: torch.Tensor, context: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Steps 2-4 for the tokens ``z`` [B, n, d] given their context [B, n|1, d]."""
+        assert self.context_mlp is not None and self.keep_mlp is not None
+        z_emb = z + z * self.context_mlp(context)  # [B, n, d] Z_emb = Z + Z ⊙ g
         # step 3: π = Softmax(MLP(Z_emb)) = [1-α, α], kept in log space for stability
-        log_pi = F.log_softmax(self.keep_mlp(z_emb), dim=-1)  # [B, N, 2]
+        log_pi = F.log_softmax(self.keep_mlp(z_emb), dim=-1)  # [B, n, 2]
         # step 4: adaptive weight ω = ReLU(MLP(Z_emb)) (+ floor), or the fixed-τ ablation
         if self.omega_mlp is None:
             return log_pi, None
-        return log_pi, self.options.omega_floor + F.relu(self.omega_mlp(z_emb))  # ω [B, N, 1]
+        return log_pi, self.options.omega_floor + F.relu(self.omega_mlp(z_emb))  # ω [B, n, 1]
 
     def forward(self, z: torch.Tensor, route_prev: torch.Tensor,
                 real: torch.Tensor) -> tuple[torch.Tensor, RouteInfo, torch.Tensor | None]:
