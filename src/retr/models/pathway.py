@@ -326,7 +326,7 @@ class PathwayRouter(nn.Module):
             context = pool_on_route(z, route_prev, opts.pooling)  # [B, 1, d]
         log_pi, omega = self._heads(z[:, -1:], context)  # [B, 1, 2], [B, 1, 1] or None
         weighted = opts.route_sample == "weighted" and omega is not None
-        scaled = omega * log_pi if weighted else log_pi  # the sampling score's log odds
+        scaled = omega * log_pi if omega is not None and weighted else log_pi  # its log odds
         if self.threshold is not None:  # the calibrated threshold on the sampling score
             sample = (scaled[..., 1] - scaled[..., 0] >= self.threshold).to(z.dtype)
         else:  # α >= 1/2, or ω log α >= ω log(1-α) under the weighted sampling
