@@ -697,17 +697,23 @@ def test_swiglu_is_the_gated_linear_unit() -> None:
     torch.testing.assert_close(ffn(x), expected)
 
 
+@pytest.mark.parametrize("budget", [None, 1])
 @pytest.mark.parametrize("chunk", [256, 2])
 @pytest.mark.parametrize("causal", [True, False])
 def test_skipping_off_route_queries_gives_the_dense_outputs_and_gradients(
-        causal: bool, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        causal: bool, chunk: int, budget: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sparse path (zero queries as prefix means, active queries gathered, in chunks when
     there are many) equals the dense pathway attention for the same straight-through route:
-    outputs, and gradients to inputs, weights and the route itself."""
+    outputs, and gradients to inputs, weights and the route itself. A byte budget of 1 makes
+    every chunk one query and the off-route slope one user at a time."""
+    import retr.models.kernels as kernels
     import retr.models.layers as layers
     from retr.models.layers import MultiHeadAttention
 
     monkeypatch.setattr(layers, "ATTENTION_CHUNK", chunk)
+    if budget is not None:
+        monkeypatch.setattr(kernels, "CHUNK_BYTES", budget)
+        monkeypatch.setattr(layers, "CHUNK_BYTES", budget)
     torch.manual_seed(0)
     b, n, d = 3, 9, 8
     mha = MultiHeadAttention(d, 2, 0.0, causal, out_proj=True)
@@ -729,6 +735,15 @@ def test_skipping_off_route_queries_gives_the_dense_outputs_and_gradients(
     for gs, gd in zip(g_sparse, g_dense, strict=True):
         torch.testing.assert_close(gs, gd)
     assert g_sparse[1].abs().sum() > 0  # the route does get a gradient
+
+
+def test_chunk_rows_keep_one_chunk_of_scores_under_the_byte_budget() -> None:
+    from retr.models.kernels import ATTENTION_CHUNK, CHUNK_BYTES, chunk_rows
+
+    assert chunk_rows(2, 200) == ATTENTION_CHUNK  # small windows: the row cap
+    rows = chunk_rows(128 * 2, 2048)  # B = 128, two heads, N = 2,048
+    assert 1 <= rows < ATTENTION_CHUNK and rows * 128 * 2 * 2048 * 4 <= CHUNK_BYTES
+    assert chunk_rows(10**6, 10**6) == 1  # never zero rows
 
 
 def test_causal_linear_attention_equals_the_masked_products() -> None:

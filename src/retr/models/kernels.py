@@ -94,6 +94,16 @@ def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed
 
 
 ATTENTION_CHUNK = 256  # on the CPU, windows longer than this attend in chunks of queries
+CHUNK_BYTES = 32 * 2**20  # one chunk's fp32 scores [B, h, c, N] stay under this (ours)
+
+
+def chunk_rows(batch_heads: int, keys: int, most: int = ATTENTION_CHUNK) -> int:
+    """Queries per chunk of ``chunked_attention``: at most ``most``, and few enough that one
+    chunk's [B·h, c, N] scores fit ``CHUNK_BYTES``. A fixed row count would let the transient
+    scores, probabilities and their gradients (about four of them in the backward pass) grow
+    with B·N: 0.5 GB each at B = 128, two heads, N = 2,048. Smaller chunks also skip more of
+    the causally masked keys."""
+    return max(1, min(most, CHUNK_BYTES // (4 * batch_heads * keys)))
 
 
 def query_mask(real: torch.Tensor, causal: bool, rows: torch.Tensor,
@@ -196,13 +206,16 @@ def _chunks(q: torch.Tensor, k: torch.Tensor, real: torch.Tensor, causal: bool, 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor,
                       causal: bool, p: float = 0.0, seed: int = 0,
-                      chunk: int = ATTENTION_CHUNK, rows: torch.Tensor | None = None,
+                      chunk: int | None = None, rows: torch.Tensor | None = None,
                       keys_on: torch.Tensor | None = None) -> torch.Tensor:
     """Masked attention with dropout ``p`` on its weights, [B, h, Nq, d/h], in memory linear in
     the window: the Nq queries are the last Nq of the N key positions (or at the positions
     ``rows`` [B, Nq]: gathered queries), ``real`` [B, N] marks real keys (``keys_on`` [B, N]
     the readable ones, when only some are: every real query reads itself then), and the
-    dropout masks are drawn from ``seed``."""
+    dropout masks are drawn from ``seed``. ``chunk``: queries per chunk (default
+    ``chunk_rows``: under ``CHUNK_BYTES`` of scores)."""
+    if chunk is None:
+        chunk = chunk_rows(q.shape[0] * q.shape[1], k.shape[2])
     return cast(torch.Tensor, _ChunkedAttention.apply(q, k, v, real, causal, p, seed, chunk,
                                                       rows, keys_on))
 

@@ -20,8 +20,10 @@ from retr.errors import ConfigError
 from retr.models.base import ModelOutput
 from retr.models.kernels import (
     ATTENTION_CHUNK,
+    CHUNK_BYTES,
     autocast_dtype,
     causal_linear_attention,
+    chunk_rows,
     chunked_attention,
     dropout,
     dropout_attention,
@@ -258,7 +260,8 @@ class MultiHeadAttention(nn.Module):
     ``out_proj`` (BERT4Rec, the original Transformer); SASRec's official code and the RETR
     spec concatenate without W_O. The fast path is ``dropout_attention``; on the CPU a window
     longer than ``ATTENTION_CHUNK`` takes ``chunked_attention`` (memory linear in the window,
-    never an [N, N] mask or score matrix). Explicit weights are computed only when asked for.
+    never an [N, N] mask or score matrix; chunks of at most ``ATTENTION_CHUNK`` queries and
+    ``CHUNK_BYTES`` of scores). Explicit weights are computed only when asked for.
     """
 
     def __init__(self, dim: int, heads: int, dropout: float, causal: bool,
@@ -282,7 +285,7 @@ class MultiHeadAttention(nn.Module):
         An off-route query is zero, so it scores every key alike: its output is the plain mean
         of the values it may read (its causal prefix, or all real keys), a running sum. The
         on-route queries are gathered into [B, M] slots (M: the most in a row) and attend as
-        usual, in chunks of ``ATTENTION_CHUNK`` queries on a window longer than that (the
+        usual, in chunks (``chunk_rows``) on a window longer than ``ATTENTION_CHUNK`` (the
         [M, N] weights are never kept for the backward pass, as on the dense path). The
         off-route queries' uniform weights get no attention dropout (their outputs are the
         exact mean).
@@ -307,7 +310,11 @@ class MultiHeadAttention(nn.Module):
         y = mean  # [B, N, d] the zero queries' outputs
         if route.requires_grad:  # the straight-through slope of the off-route tokens
             off = (~active & real).to(route.dtype)  # [B, N]
-            slope = self._zero_query_slope(query_in, k, v, w, mean)  # [B, N, d], no grad
+            per = max(1, CHUNK_BYTES // (4 * h * n * 64))  # users per slice: transients bounded
+            slope = torch.cat([self._zero_query_slope(query_in[s:s + per], k[s:s + per],
+                                                      v[s:s + per], w[s:s + per],
+                                                      mean[s:s + per])
+                               for s in range(0, b, per)])  # [B, N, d], no grad
             y = y + ((route - route.detach()) * off).unsqueeze(-1) * slope
         m = int(active.sum(dim=1).max()) if active.any() else 0
         if m:
@@ -323,8 +330,8 @@ class MultiHeadAttention(nn.Module):
             if n > ATTENTION_CHUNK and q.device.type == "cpu" and \
                     autocast_dtype("cpu") is None:  # as the dense path: never [M, N] kept
                 seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-                y_on = chunked_attention(q, k, v, real, self.causal, p, seed, ATTENTION_CHUNK,
-                                         rows=rows)  # [B, h, M, d/h]
+                y_on = chunked_attention(q, k, v, real, self.causal, p, seed,
+                                         chunk_rows(b * h, n, ATTENTION_CHUNK), rows=rows)  # [B, h, M, d/h]
             else:
                 keys = torch.arange(n, device=real.device)
                 allowed = real[:, None, :] & (keys[None, None, :] <= rows[:, :, None]
@@ -413,8 +420,8 @@ class MultiHeadAttention(nn.Module):
         if not output_attentions and n > ATTENTION_CHUNK and q.device.type == "cpu" and \
                 autocast_dtype("cpu") is None and not exporting():
             seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0  # global RNG
-            y = chunked_attention(q, k, v, real, self.causal, p, seed, ATTENTION_CHUNK,
-                                  keys_on=keys_on)
+            y = chunked_attention(q, k, v, real, self.causal, p, seed,
+                                  chunk_rows(b * h, n, ATTENTION_CHUNK), keys_on=keys_on)
             y = y.transpose(1, 2).reshape(b, nq, d) * q_real.unsqueeze(-1)
             return self.out(y), None
         if keys_on is None:
