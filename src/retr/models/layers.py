@@ -301,21 +301,11 @@ class MultiHeadAttention(nn.Module):
         v_flat = self.value(kv_in)  # [B, N, d]
         v = v_flat.view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
         w = real.unsqueeze(-1).to(v_flat.dtype)  # [B, N, 1] real keys
-        if self.causal:  # mean of the prefix's real values
-            mean = torch.cumsum(v_flat * w, dim=1) / torch.cumsum(w, dim=1).clamp_min(1.0)
-        else:
-            mean = ((v_flat * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
-                    ).expand(b, n, d)
         active = (route > 0.5) & real  # [B, N]
-        y = mean  # [B, N, d] the zero queries' outputs
+        y = self._value_mean(v_flat, w)  # [B, N, d] the zero queries' outputs
         if route.requires_grad:  # the straight-through slope of the off-route tokens
             off = (~active & real).to(route.dtype)  # [B, N]
-            per = max(1, CHUNK_BYTES // (4 * h * n * 64))  # users per slice: transients bounded
-            slope = torch.cat([self._zero_query_slope(query_in[s:s + per], k[s:s + per],
-                                                      v[s:s + per], w[s:s + per],
-                                                      mean[s:s + per])
-                               for s in range(0, b, per)])  # [B, N, d], no grad
-            y = y + ((route - route.detach()) * off).unsqueeze(-1) * slope
+            y = y + _OffRouteSlope.apply((route - route.detach()) * off, query_in, k, v, w, self)
         m = int(active.sum(dim=1).max()) if active.any() else 0
         if m:
             positions = torch.arange(n, device=real.device).expand(b, n)
@@ -345,15 +335,32 @@ class MultiHeadAttention(nn.Module):
             y = y.reshape(b * n, d).index_copy(0, at, y_on.to(y.dtype)).view(b, n, d)
         return self.out(y * real.unsqueeze(-1))
 
+    def _value_mean(self, v_flat: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """[B, N, d] the mean of the real values each position may read: what a zero query's
+        uniform weights give (its causal prefix, or every real key)."""
+        b, n, d = v_flat.shape
+        if self.causal:
+            return torch.cumsum(v_flat * w, dim=1) / torch.cumsum(w, dim=1).clamp_min(1.0)
+        return ((v_flat * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
+                ).expand(b, n, d)
+
     @torch.no_grad()
-    def _zero_query_slope(self, query_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          w: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        """[B, N, d] ∂y_i/∂R_i at R_i = 0 for every token i (heads concatenated).
+    def zero_query_slope(self, query_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         w: torch.Tensor) -> torch.Tensor:
+        """[B, N, d] ∂y_i/∂R_i at R_i = 0 for every token i (heads concatenated), a slice of
+        users at a time (the linear-attention sum's transients stay under ``CHUNK_BYTES``).
 
         With a zero query the weights are uniform, p_j = 1/n_i over the n_i keys i may read, so
         ∂y_i/∂R_i = (Σ_j (q̃_i · k_j) v_j - ȳ_i Σ_j q̃_i · k_j) / (n_i sqrt(d_h)). No gradient
         flows into q̃, K or V through it: at R_i = 0 their exact contributions vanish.
         """
+        b, h, n, dh = k.shape
+        per = max(1, CHUNK_BYTES // (4 * h * n * 64))  # users per slice
+        return torch.cat([self._slope_of(query_in[s:s + per], k[s:s + per], v[s:s + per],
+                                         w[s:s + per]) for s in range(0, b, per)])
+
+    def _slope_of(self, query_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  w: torch.Tensor) -> torch.Tensor:
         b, n, d = query_in.shape
         h, dh = self.heads, d // self.heads
         q = self.query(query_in).view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h] q̃
@@ -368,6 +375,7 @@ class MultiHeadAttention(nn.Module):
             ksum = km.sum(dim=2, keepdim=True)
             count = count.sum(dim=1, keepdim=True).expand(b, n)
         total = (q * ksum).sum(-1, keepdim=True)  # [B, h, N, 1] Σ_j q̃_i · k_j
+        mean = self._value_mean(v.transpose(1, 2).reshape(b, n, d), w)  # [B, N, d] ȳ
         ybar = mean.view(b, n, h, dh).transpose(1, 2)  # [B, h, N, d/h]
         slope = (num - ybar * total) / (count.clamp_min(1.0)[:, None, :, None] * math.sqrt(dh))
         return slope.transpose(1, 2).reshape(b, n, d)
@@ -460,6 +468,26 @@ class MultiHeadAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, nq, h * dh) * q_real.unsqueeze(-1)
         weights = w * q_real[:, None, :, None] if output_attentions else None
         return self.out(y), weights
+
+
+class _OffRouteSlope(torch.autograd.Function):
+    """R_off ⊙ slope for the off-route tokens of the sparse path, where R_off = (R - R.detach())
+    at off-route tokens is zero in value: zero forward, and ∂L/∂R_i = ∂L/∂y_i · slope_i
+    backward, the slope recomputed there (``MultiHeadAttention.zero_query_slope``) from
+    tensors the pass keeps anyway, so no [B, N, d] slope is kept between the passes."""
+
+    @staticmethod
+    def forward(ctx: Any, r: torch.Tensor, query_in: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, w: torch.Tensor, attention: MultiHeadAttention) -> torch.Tensor:
+        ctx.save_for_backward(query_in, k, v, w)
+        ctx.attention = attention
+        return query_in.new_zeros(query_in.shape)  # [B, N, d]
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        query_in, k, v, w = ctx.saved_tensors
+        slope = ctx.attention.zero_query_slope(query_in, k, v, w)  # [B, N, d]
+        return (dy * slope).sum(-1), None, None, None, None, None
 
 
 class RouteInfo(NamedTuple):

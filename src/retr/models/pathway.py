@@ -76,6 +76,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from retr.errors import ConfigError
+from retr.models.kernels import CHUNK_BYTES
 from retr.models.layers import MultiHeadAttention, RouteInfo, exporting
 
 # Values that RouterOptions keys added after release 0.1.0 had before they were options: a
@@ -343,6 +344,23 @@ class PathwayRouter(nn.Module):
         context = pool_on_route(z, route_prev, self.options.pooling)  # [B, N|1, d]
         return self._heads(z, context)
 
+    def _recomputed_scores(self, z: torch.Tensor, route_prev: torch.Tensor,
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``_scores`` recomputed in the backward pass, a slice of users at a time: each slice
+        is its own checkpoint, so the backward pass rebuilds one slice's [b, N, hidden]
+        activations (about eight tensors) at once, under ``CHUNK_BYTES``. Every row's route
+        depends on that row alone, so the slices give the same values and gradients."""
+        b, n, d = z.shape
+        per = max(1, CHUNK_BYTES // (32 * n * max(d, self.options.router_hidden)))
+        parts = [checkpoint(self._scores, z[s:s + per], route_prev[s:s + per],
+                            use_reentrant=False, preserve_rng_state=False)
+                 for s in range(0, b, per)]
+        if len(parts) == 1:
+            return parts[0]
+        log_pi = torch.cat([part[0] for part in parts])  # [B, N, 2]
+        ws = [part[1] for part in parts]
+        return log_pi, None if ws[0] is None else torch.cat([w for w in ws if w is not None])
+
     def _heads(self, z: torch.Tensor, context: torch.Tensor,
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Steps 2-4 for the tokens ``z`` [B, n, d] given their context [B, n|1, d]."""
@@ -372,8 +390,7 @@ class PathwayRouter(nn.Module):
         else:
             # steps 1-4 up to the draw: log π [B, N, 2] and ω [B, N, 1] (or None)
             if opts.router_recompute and torch.is_grad_enabled() and not exporting():
-                log_pi, w = checkpoint(self._scores, z, route_prev, use_reentrant=False,
-                                       preserve_rng_state=False)
+                log_pi, w = self._recomputed_scores(z, route_prev)
             else:
                 log_pi, w = self._scores(z, route_prev)
             keep_prob = log_pi[..., 1].exp() * mask  # [B, N] α
