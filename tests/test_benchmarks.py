@@ -533,3 +533,29 @@ def test_results_pathway_budget_section(tmp_path: Path) -> None:
     assert "and under 95%) **met**" in text
     assert "retr-ce-ml-1m-distilled25 (2 seeds) against retr-ce-ml-1m-faithful" in text
     assert "(mean ≥ its lowest seed, 0.0700) **met**" in text
+
+
+def test_long_history_goals_judge_each_budget_row(tmp_path: Path) -> None:
+    def row(label: str, tps: int, rss: int, ndcg: float) -> dict:
+        return {"label": label, "max_len": 1024, "tokens_per_second": tps, "peak_rss_mb": rss,
+                "valid_full_ndcg10": ndcg}
+
+    rows = [row("retr SASRec", 1000, 2000, 0.02), row("RecTools 0.19 SASRec", 200, 8000, 0.01),
+            row("retr RETR, budget ρ = 0.25 (ours)", 1600, 2500, 0.05),
+            row("retr RETR, budget ρ = 0.25, router recomputed (ours)", 1400, 1900, 0.05)]
+    lines = make_results.long_history_goals(rows)
+    header = next(line for line in lines if line.startswith("| goal"))
+    assert header.index("budget ρ = 0.25 |") < header.index("router recomputed")
+    speed = next(line for line in lines if "1.5x SASRec" in line)
+    assert "1.60x | yes" in speed and "1.40x | no" in speed
+    memory = next(line for line in lines if line.startswith("| peak RSS"))
+    assert "2500 MB vs 2000 MB vs 8000 MB | no" in memory
+    assert "1900 MB vs 2000 MB vs 8000 MB | yes" in memory
+    (tmp_path / "step_memory.json").write_text(json.dumps({
+        "command": "python -m benchmarks.step_memory", "code": "abc", "rows": [
+            {"label": "retr SASRec", "max_len": 512, "peak_live_mb": 400.0, "saved_mb": 300.0,
+             "route_keep": []},
+            {"label": "retr RETR (paper)", "max_len": 512, "peak_live_mb": 600.0,
+             "saved_mb": 500.0, "route_keep": [0.9, 0.8]}]}))
+    step = make_results.step_memory_lines(tmp_path)
+    assert "| 512 | retr RETR (paper) | 600 | 1.50x | 500 | 0.90 / 0.80 |" in step
