@@ -320,8 +320,9 @@ class MultiHeadAttention(nn.Module):
             if n > ATTENTION_CHUNK and q.device.type == "cpu" and \
                     autocast_dtype("cpu") is None:  # as the dense path: never [M, N] kept
                 seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-                y_on = chunked_attention(q, k, v, real, self.causal, p, seed,
-                                         chunk_rows(b * h, n, ATTENTION_CHUNK), rows=rows)  # [B, h, M, d/h]
+                rows_per = chunk_rows(b * h, n, ATTENTION_CHUNK)
+                y_on = chunked_attention(q, k, v, real, self.causal, p, seed, rows_per,
+                                         rows=rows)  # [B, h, M, d/h]
             else:
                 keys = torch.arange(n, device=real.device)
                 allowed = real[:, None, :] & (keys[None, None, :] <= rows[:, :, None]
