@@ -309,10 +309,13 @@ class MultiHeadAttention(nn.Module):
         m = int(active.sum(dim=1).max()) if active.any() else 0
         if m:
             positions = torch.arange(n, device=real.device).expand(b, n)
-            # the active positions first, in order; the slots past a row's count are unused
-            order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :m]  # [B, M]
+            # each row's active positions in its last slots, in order (right-aligned, as the
+            # histories are: a chunk of early slots then holds only long rows' early queries
+            # and reads only the keys before them); the slots before a row's count are unused
+            # and sit at position 0, so they never widen a chunk's keys
+            order = torch.argsort(active.to(torch.int8), dim=1, stable=True)[:, n - m:]  # [B, M]
             slot_on = torch.gather(active, 1, order)  # [B, M] slots holding an active query
-            rows = torch.gather(positions, 1, order)  # [B, M] their positions
+            rows = torch.gather(positions, 1, order) * slot_on  # [B, M] their positions
             q_in = torch.gather(query_in, 1, order.unsqueeze(-1).expand(b, m, d))  # [B, M, d]
             r = torch.gather(route, 1, order).unsqueeze(-1)  # [B, M, 1] 1 (carries ∂/∂R)
             q = (r * self.query(q_in)).view(b, m, h, dh).transpose(1, 2)  # [B, h, M, d/h]
