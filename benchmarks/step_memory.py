@@ -87,7 +87,8 @@ for e in events:
     peak = max(peak, live)
 seqs = torch.from_numpy(data.padded_prefixes(users, data.lengths[users], n))
 real = (seqs > 0).float().sum()
-keep = [round(float(r[seqs > 0].sum() / real), 3) for r in routes] if routes else []
+on = [seqs[:, -r.shape[1]:] > 0 for r in routes]  # the trainer cut the batch's padding
+keep = [round(float(r[m].sum() / real), 3) for r, m in zip(routes, on)]
 print(json.dumps({"peak_live_mb": round(peak / 2**20, 1), "saved_mb": round(saved / 2**20, 1),
                   "route_keep": keep, "tokens": int(real)}))
 """
