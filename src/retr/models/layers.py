@@ -484,14 +484,18 @@ class _OffRouteSlope(torch.autograd.Function):
     def forward(ctx: Any, r: torch.Tensor, query_in: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, w: torch.Tensor, attention: MultiHeadAttention) -> torch.Tensor:
         ctx.save_for_backward(query_in, k, v, w)
-        ctx.attention = attention
+        ctx.attention, ctx.r_dtype = attention, r.dtype
+        device = query_in.device.type  # the backward pass recomputes under the same autocast
+        ctx.amp = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return query_in.new_zeros(query_in.shape)  # [B, N, d]
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         query_in, k, v, w = ctx.saved_tensors
-        slope = ctx.attention.zero_query_slope(query_in, k, v, w)  # [B, N, d]
-        return (dy * slope).sum(-1), None, None, None, None, None
+        device, enabled, dtype = ctx.amp
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            slope = ctx.attention.zero_query_slope(query_in, k, v, w)  # [B, N, d]
+        return (dy * slope).sum(-1).to(ctx.r_dtype), None, None, None, None, None
 
 
 class RouteInfo(NamedTuple):
