@@ -122,18 +122,17 @@ def fewer_seeds(groups: dict[str, list[dict[str, Any]]], dataset: str,
     """(model, label, records) of the RETR and SASRec rows with fewer than 3 seeds whose mean
     validation NDCG@10 beats the eligible row's: runs still under way (a converged recipe's
     first seeds), shown but never chosen."""
+    bars = {model: statistics.fmean(v for r in hit[1] if (v := _valid(r)) is not None)
+            if hit else float("-inf") for model, hit in found.items()}
     out = []
     for label, rs in groups.items():
         r0 = rs[0]["results"]
         model = r0.get("model")
-        if r0.get("dataset") != dataset or model not in ("retr", "sasrec") or len(rs) >= 3 \
+        if r0.get("dataset") != dataset or model not in bars or len(rs) >= 3 \
                 or "pathway" in label or not metric_values(rs, "full", "NDCG@10"):
             continue
         valid = [v for r in rs if (v := _valid(r)) is not None]
-        best = found.get(model)
-        bar = statistics.fmean(v for r in best[1] if (v := _valid(r)) is not None) \
-            if best else float("-inf")
-        if len(valid) == len(rs) and statistics.fmean(valid) > bar:
+        if len(valid) == len(rs) and statistics.fmean(valid) > bars[model]:
             out.append((model, label, rs))
     return out
 

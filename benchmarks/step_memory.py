@@ -34,31 +34,18 @@ from .common import code_version
 from .long_history import ROWS
 
 STEP = r"""
-import json, sys
-import numpy as np, pandas as pd, torch
+import argparse, json, sys
+from pathlib import Path
+import numpy as np, torch
 from torch.profiler import ProfilerActivity, profile
 import retr
+from benchmarks.speed_worker import RetrSide
 
 work, model_name, n, keys = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-torch.set_num_threads(1)
-model_cfg = {"hidden_size": 64, "num_heads": 2, "num_layers": 2, "max_len": n}
-if model_name == "retr":
-    model_cfg["ffn_size"] = 64
-for item in keys:
-    key, _, value = item.partition("=")
-    try:
-        model_cfg[key] = json.loads(value)
-    except json.JSONDecodeError:
-        model_cfg[key] = value
-cfg = retr.RunConfig.from_dict({
-    "seed": 0, "model": {"name": model_name, **model_cfg},
-    "data": {"min_user_interactions": 0, "min_item_interactions": 0},
-    "train": {"loss": "bce", "batch_size": 128, "lr": 1e-3, "negatives": 1, "threads": 1,
-              "progress": False, "length_groups": 1}}, "bench")
-data = retr.dataset_from_frame(pd.read_csv(f"{work}/train.csv"), cfg.data, name="ml-1m-train")
-torch.manual_seed(0)
-model = retr.build_model(model_name, data.n_items, model_cfg)
-opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+side = RetrSide(argparse.Namespace(  # long_history's model and training settings
+    model=model_name, threads=1, hidden=64, heads=2, layers=2, max_len=n, set=keys, seed=0,
+    loss="bce", batch_size=128, precision="fp32", length_groups=1), Path(work))
+model, data, opt, cfg = side.model, side.dataset, side.opt, side.cfg
 users = np.argsort(-data.lengths, kind="stable")[:128]
 retr.train_epoch(model, data, users, data.lengths, opt, cfg.train, 0, 1)  # warm-up step
 routes = []
@@ -96,7 +83,7 @@ print(json.dumps({"peak_live_mb": round(peak / 2**20, 1), "saved_mb": round(save
 
 def measure(work: Path, model: str, n: int, keys: list[str]) -> dict[str, object]:
     out = subprocess.run([sys.executable, "-c", STEP, str(work), model, str(n), json.dumps(keys)],
-                         check=True, capture_output=True, text=True,
+                         check=True, capture_output=True, text=True, cwd=HERE.parent,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
