@@ -687,6 +687,21 @@ def test_gated_residuals_need_a_pre_norm_layout() -> None:
     assert sasrec.blocks[0].gates is not None
 
 
+@pytest.mark.parametrize("ffn_type", ["paper", "swiglu"])
+def test_sasrec_ffn_width_defaults_to_d_and_can_widen(ffn_type: str) -> None:
+    """SASRec's FFN is d wide (the paper) unless model.ffn_size widens it (eSASRec's 4d)."""
+    paper = build_model("sasrec", N_ITEMS, {"hidden_size": D, "ffn_type": ffn_type})
+    wide = build_model("sasrec", N_ITEMS, {"hidden_size": D, "ffn_type": ffn_type,
+                                           "ffn_size": 4 * D})
+    assert paper.blocks[0].ffn.fc1.out_features == D
+    assert all(b.ffn.fc1.out_features == 4 * D and b.ffn.fc2.in_features == 4 * D
+               for b in wide.blocks)
+    seqs = torch.randint(1, N_ITEMS + 1, (2, N))
+    assert wide(seqs).hidden.shape == (2, N, D)
+    with pytest.raises(ConfigError, match="model.ffn_size"):
+        build_model("sasrec", N_ITEMS, {"ffn_size": -1})
+
+
 def test_swiglu_is_the_gated_linear_unit() -> None:
     from retr.models.layers import SwiGLU
 

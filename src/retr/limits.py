@@ -209,7 +209,7 @@ def check_model_size(model_name: str, n_items: int, fields: Mapping[str, Any],
     recurrent = "embedding_size" in fields and "num_heads" not in fields
     params = estimate_parameters(
         n_items, hidden_size=hidden, num_layers=int(fields.get("num_layers") or 1),
-        max_len=int(max_len or 0), ffn_size=fields.get("ffn_size", hidden),
+        max_len=int(max_len or 0), ffn_size=fields.get("ffn_size") or hidden,
         num_heads=int(fields.get("num_heads") or 1),
         router_hidden=int(fields.get("router_hidden") or 0)
         if fields.get("attention", "pathway") == "pathway" else 0,

@@ -5,7 +5,7 @@
                                  padding rows zeroed
     F = LN(Z);  score(k, t) = e_k · F_t   (item embedding shared with the input)
 
-Causal self-attention over the shifted sequence, ReLU FFN of width d, dropout on the
+Causal self-attention over the shifted sequence, ReLU FFN of width d (``ffn_size``), dropout on the
 embedding, attention weights and FFN, Glorot-uniform initialisation, LayerNorm eps 1e-8, heads
 concatenated without an output projection (all as in the official code).
 
@@ -47,6 +47,8 @@ class SASRecConfig:
     num_layers: int = 2  # blocks (paper: 2)
     max_len: int = 200  # N (paper: 200 on MovieLens-1M, 50 on sparse data)
     dropout: float = 0.2  # (paper: 0.2 on MovieLens-1M, 0.5 on sparse data)
+    # FFN inner width; 0 = d, the paper's (ours: a wider FFN, e.g. eSASRec's 4d SwiGLU)
+    ffn_size: int = 0
     attention: str = "self"  # "self" (SASRec) | "pathway" (SASRec + pathway attention)
     # pathway only: the router switches (pathway.py), flat keys of [model] as in RETR
     pathway: RouterOptions = field(default_factory=RouterOptions)
@@ -58,6 +60,9 @@ class SASRecConfig:
         for name in ("hidden_size", "num_heads", "num_layers", "max_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.ffn_size < 0:
+            raise ConfigError(f"model.ffn_size must be >= 1 (or 0 for hidden_size, the "
+                              f"paper's width), got {self.ffn_size}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by "
                               f"model.num_heads ({self.num_heads})")
@@ -87,7 +92,8 @@ class SASRec(SequentialRecommender):
         self.blocks = nn.ModuleList(
             TransformerBlock(attention_module(d, cfg.num_heads, cfg.dropout, causal=True,
                                               out_proj=False, pathway=pathway),
-                             d, d, cfg.dropout, eps=1e-8, **cfg.block.block_args("pre", "relu"))
+                             d, cfg.ffn_size or d, cfg.dropout, eps=1e-8,
+                             **cfg.block.block_args("pre", "relu"))
             for _ in range(cfg.num_layers))
         self.final_norm = make_norm(cfg.block.norm_type, d, 1e-8)
         init_weights(self, "xavier")
