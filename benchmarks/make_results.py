@@ -793,6 +793,9 @@ def build(records: list[dict[str, Any]], results_dir: Path,
                       ""]
         if key in ("intra-domain", "paper-recipe"):
             lines += [text("head-to-head"), "", *head_to_head(groups), ""]
+        converged = {label: rs for label, rs in groups.items() if "-converged" in label}
+        if key == "intra-domain" and converged:
+            lines += [text("option-deltas"), "", *ablation_deltas(converged), ""]
         if key == "ablation":  # the unablated rows beside their ablations
             intra = tables.get("intra-domain", {})
             groups = {**{label: rs for label, rs in intra.items()

@@ -95,6 +95,23 @@ def test_results_mean_std_and_head_to_head(tmp_path: Path) -> None:
     assert "## Cross-domain" not in text  # no records, no section
 
 
+def test_results_converged_options_against_the_row_they_extend(tmp_path: Path) -> None:
+    """Each converged option row is compared with the label it extends (one option at a time),
+    over the seeds both have; budget rows stay out of that table."""
+    records = [_record("retr-ce-toy-converged", 0, 0.10, 0.5),
+               _record("retr-ce-toy-converged", 1, 0.20, 0.5),
+               _record("retr-ce-toy-converged-modern", 0, 0.12, 0.6),
+               _record("retr-ce-toy-converged-modern-wide", 0, 0.15, 0.6),
+               _record("retr-ce-toy", 0, 0.05, 0.4), _record("retr-ce-toy-faithful", 0, 0.06, 0.4)]
+    text = make_results.build(records, tmp_path)
+    section = text.split("### Options trained to early stopping")[1].split("###")[0]
+    assert "| retr-ce-toy-converged-modern | retr-ce-toy-converged | 0 | 0.1200 | 0.1000 | " \
+        "+20.0 % |" in section
+    assert "| retr-ce-toy-converged-modern-wide | retr-ce-toy-converged-modern | 0 | 0.1500 | " \
+        "0.1200 | +25.0 % |" in section
+    assert "retr-ce-toy-faithful" not in section
+
+
 def test_results_cli_skips_other_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "a.json").write_text(json.dumps(_record("pop-toy", 0, 0.01, 0.2, epochs=0)))
     (tmp_path / "speed_raw.json").write_text(json.dumps({"rows": []}))
