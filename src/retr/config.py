@@ -81,8 +81,9 @@ class TrainConfig:
     loss: "bpr" (paper: one uniform negative per step, redrawn each epoch), "bce" (``negatives``
     uniform negatives per step), "ce" (full softmax), "sampled_softmax" (``negatives`` shared
     uniform negatives per batch, logQ-free), "gbce" (gSASRec's generalised BCE, ``gbce_t``).
-    epochs: maximum epochs; patience: early stop after this many validations without
-    improvement of ``valid_metric`` under ``valid_protocol`` (paper: 10); min_epochs: no early
+    epochs: maximum epochs; patience: early stop after this many epochs without improvement
+    of ``valid_metric`` under ``valid_protocol`` (paper: 10), counted in epochs whatever
+    ``eval_every`` is (10 with eval_every = 2: five validations); min_epochs: no early
     stop before this many epochs (under BPR a model can sit at the popularity level for 10+
     epochs before it starts to learn, long enough for patience 10 to end the run there).
     deterministic: torch deterministic algorithms (exact resume on CPU).
