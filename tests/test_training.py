@@ -172,6 +172,18 @@ def test_min_epochs_holds_early_stopping(tmp_path, min_epochs, ran):
     assert len((d / "metrics.jsonl").read_text().splitlines()) == ran
 
 
+def test_patience_counts_epochs_not_validations(tmp_path):
+    """Patience 4, a validation every 2 epochs, no improvement: the first validation (epoch 2)
+    stays the best, epochs 4 and 6 bring no gain, and 4 epochs without one end the run at epoch
+    6, not after four more validations (epoch 10)."""
+    d = tmp_path / "run"
+    extra = ["train.patience=4", "train.eval_every=2", "train.lr=1e-12"]
+    assert main(["train", "--data", DATA, "--model", "sasrec", "--out", str(d),
+                 *_sets("sasrec", 12, extra)]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert max(epochs) == 6
+
+
 def test_min_epochs_must_not_be_negative():
     from retr.config import TrainConfig
     from retr.errors import ConfigError
