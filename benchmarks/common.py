@@ -65,6 +65,16 @@ def median_epoch_seconds(epochs: list[dict[str, Any]]) -> float | None:
     return round(statistics.median(e["train_seconds"] for e in epochs), 2) if epochs else None
 
 
+def validation_seconds(epochs: list[dict[str, Any]]) -> float | None:
+    """Seconds of the epochs spent outside training (validation and checkpoint writes): the
+    share a faster ranking can save."""
+    if not epochs or "elapsed_seconds" not in epochs[0]:
+        return None
+    before = [0.0] + [e["elapsed_seconds"] for e in epochs[:-1]]
+    return round(sum(e["elapsed_seconds"] - b - e["train_seconds"]
+                     for e, b in zip(epochs, before)), 1)
+
+
 def training_record(run_dir: Path) -> dict[str, Any] | None:
     """How the trainer says the run's training ended: results.json's ``"training"``
     (``epochs_run``, ``best_epoch``, ``best_valid``, ``stopped_by``); None for a run written
@@ -146,6 +156,7 @@ def run_and_record(out: Path, name: str, argv: list[str], run_dir: Path,
               "wall_seconds": round(wall, 1),
               "epochs": training["epochs_run"] if training is not None else len(epochs),
               "train_seconds": round(sum(e["train_seconds"] for e in epochs), 1),
+              "validation_seconds": validation_seconds(epochs),
               "median_epoch_seconds": median_epoch_seconds(epochs), **stop_reason(run_dir, epochs),
               "results": results}
     record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

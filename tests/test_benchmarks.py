@@ -46,7 +46,12 @@ def test_benchmarks_use_only_the_public_api() -> None:
                     and node.value.id == "retr":
                 found.append((path.name, "retr", node.attr))
     assert found  # the walk sees the benchmarks' imports
-    private = [f for f in found if f[1] not in ("retr", "retr.errors")
+    # bench_validation measures the library's full ranking against another implementation of
+    # that one internal function, so it alone reaches the module that holds it
+    internal = {("bench_validation.py", "retr.evaluation.protocol"),
+                ("bench_validation.py", "retr.evaluation.ranking")}
+    private = [f for f in found if (f[1] not in ("retr", "retr.errors")
+                                    and (f[0], f[1]) not in internal)
                or (f[1] == "retr" and f[2] not in public)]
     assert not private, private
 
