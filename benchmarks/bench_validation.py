@@ -23,14 +23,17 @@ import importlib.util
 import json
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 import retr
 import retr.evaluation.protocol as protocol
 from retr.evaluation.ranking import full_rank_counts
+
+from .common import epoch_validation_seconds
 
 
 def load_peer(path: Path) -> Callable[..., Any]:
@@ -56,14 +59,12 @@ def measure(cfg: retr.RunConfig, dataset: retr.SequenceDataset, ranker: Callable
                     (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     finally:
         protocol.full_rank_counts = full_rank_counts
-    walls = [b["elapsed_seconds"] - a for a, b in
-             zip([0.0] + [r["elapsed_seconds"] for r in rows[:-1]], rows)]
     train_s = [r["train_seconds"] for r in rows][1:]
-    valid_s = [w - t for w, t in zip(walls, [r["train_seconds"] for r in rows])][1:]
+    valid_s = epoch_validation_seconds(rows)[1:]
     return {"train_seconds": round(statistics.median(train_s), 3),
             "validation_seconds": round(statistics.median(valid_s), 3),
             "validation_share": round(statistics.median(
-                v / (v + t) for v, t in zip(valid_s, train_s)), 3)}
+                v / (v + t) for v, t in zip(valid_s, train_s, strict=True)), 3)}
 
 
 def same_counts(model: Any, dataset: retr.SequenceDataset, cfg: retr.RunConfig,

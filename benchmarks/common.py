@@ -65,14 +65,19 @@ def median_epoch_seconds(epochs: list[dict[str, Any]]) -> float | None:
     return round(statistics.median(e["train_seconds"] for e in epochs), 2) if epochs else None
 
 
+def epoch_validation_seconds(epochs: list[dict[str, Any]]) -> list[float]:
+    """Per epoch (metrics.jsonl rows), the seconds spent outside training: validation and the
+    checkpoint writes, the share a faster ranking can save."""
+    before = [0.0] + [e["elapsed_seconds"] for e in epochs[:-1]]
+    return [e["elapsed_seconds"] - b - e["train_seconds"]
+            for e, b in zip(epochs, before, strict=True)]
+
+
 def validation_seconds(epochs: list[dict[str, Any]]) -> float | None:
-    """Seconds of the epochs spent outside training (validation and checkpoint writes): the
-    share a faster ranking can save."""
+    """The run's total of :func:`epoch_validation_seconds`; None for a record without them."""
     if not epochs or "elapsed_seconds" not in epochs[0]:
         return None
-    before = [0.0] + [e["elapsed_seconds"] for e in epochs[:-1]]
-    return round(sum(e["elapsed_seconds"] - b - e["train_seconds"]
-                     for e, b in zip(epochs, before)), 1)
+    return round(sum(epoch_validation_seconds(epochs)), 1)
 
 
 def training_record(run_dir: Path) -> dict[str, Any] | None:

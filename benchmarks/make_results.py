@@ -280,13 +280,26 @@ def table(groups: dict[str, list[dict[str, Any]]], protocol: str) -> list[str]:
     return lines
 
 
+def _floor_free(baseline: str, groups: dict[str, list[dict[str, Any]]]) -> str:
+    """``baseline``, or, when it is missing and ends in ``-min<N>`` (a rerun with no early stop
+    before epoch N), the row without that suffix if every one of its runs went past epoch N
+    anyway: the floor could not have changed them."""
+    match = re.search(r"-min(\d+)$", baseline)
+    if baseline in groups or match is None:
+        return baseline
+    plain = baseline[:match.start()]
+    runs = groups.get(plain, [])
+    return plain if runs and all(r.get("epochs", 0) >= int(match.group(1)) for r in runs) \
+        else baseline
+
+
 def head_to_head(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
     """RETR vs SASRec (and pathway variants vs their base) at the same loss and dataset,
     over the seeds both have."""
     pairs = []
     for label in sorted(groups):
         if label.startswith("retr-"):
-            pairs.append((label, "sasrec-" + label[len("retr-"):]))
+            pairs.append((label, _floor_free("sasrec-" + label[len("retr-"):], groups)))
         elif label.startswith("sasrec-pathway-"):
             pairs.append((label, "sasrec-" + label[len("sasrec-pathway-"):]))
         elif label.startswith("bert4rec-pathway-"):

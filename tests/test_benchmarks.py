@@ -100,6 +100,27 @@ def test_results_mean_std_and_head_to_head(tmp_path: Path) -> None:
     assert "## Cross-domain" not in text  # no records, no section
 
 
+def test_head_to_head_rerun_with_an_epoch_floor_meets_the_plain_baseline(tmp_path: Path) -> None:
+    """A RETR rerun labelled ``-min<N>`` is paired with the plain SASRec row only when every
+    SASRec run went past epoch N (the floor could not have changed them)."""
+    records = [_record("sasrec-bpr-toy", 0, 0.10, 0.5, epochs=50),
+               _record("retr-bpr-toy-min40", 0, 0.11, 0.5),
+               _record("sasrec-bpr-short", 0, 0.10, 0.5, epochs=30),
+               _record("retr-bpr-short-min40", 0, 0.11, 0.5)]
+    text = make_results.build(records, tmp_path)
+    assert "| retr-bpr-toy-min40 | sasrec-bpr-toy | 0 | 0.1100 | 0.1000 | +10.0 % |" in text
+    assert "| retr-bpr-short-min40 | sasrec-bpr-short |" not in text
+
+
+def test_validation_seconds_is_what_the_epochs_spent_outside_training() -> None:
+    epochs = [{"train_seconds": 2.0, "elapsed_seconds": 3.0},
+              {"train_seconds": 2.0, "elapsed_seconds": 5.0},
+              {"train_seconds": 2.5, "elapsed_seconds": 8.5}]
+    assert common.validation_seconds(epochs) == 2.0
+    assert common.validation_seconds([]) is None
+    assert common.validation_seconds([{"train_seconds": 1.0}]) is None  # an older record
+
+
 def test_results_converged_options_against_the_row_they_extend(tmp_path: Path) -> None:
     """Each converged option row is compared with the label it extends (one option at a time),
     over the seeds both have; budget rows stay out of that table."""

@@ -6,7 +6,13 @@ from retr.config import EvalConfig
 from retr.data.splits import make_split
 from retr.evaluation.metrics import metrics_from_counts
 from retr.evaluation.protocol import evaluate
-from retr.evaluation.ranking import full_rank_counts, history_pairs, sampled_rank_counts, topk_items
+from retr.evaluation.ranking import (
+    full_rank_counts,
+    history_by_item,
+    history_pairs,
+    sampled_rank_counts,
+    topk_items,
+)
 from retr.models.base import ModelOutput, SequentialRecommender
 from tests.test_splits import _random_dataset
 
@@ -57,6 +63,26 @@ def test_chunked_full_ranking_equals_naive(exclude, chunk):
     assert (rc.greater[v] == g[v]).all() and (rc.ties[v] == t[v]).all()
     assert (rc.valid == v).all()
     assert t.sum() > 0  # the case exercises ties
+
+
+def test_history_by_item_dedupes_orders_and_finds_the_target():
+    """Distinct (row, item) pairs ordered by item then row, with each row's target lookup and
+    distinct-item count, equal to the set arithmetic they stand for; empty histories too."""
+    ds = _random_dataset()
+    split = make_split(ds, "loo")
+    ex = split.test
+    lengths = ex.lengths.copy()
+    lengths[0] = 0  # an empty history: nothing excluded, its target not seen
+    rows, items, seen, counts = history_by_item(ds, ex.users, lengths, ex.targets)
+    pairs = sorted({(int(i), r) for r, (u, n) in enumerate(zip(ex.users, lengths, strict=True))
+                    for i in ds.sequence(u)[:n]})
+    assert list(zip(items.tolist(), rows.tolist(), strict=True)) == pairs
+    for r, (u, n, t) in enumerate(zip(ex.users, lengths, ex.targets, strict=True)):
+        hist = set(ds.sequence(u)[:n].tolist())
+        assert seen[r] == (t in hist) and counts[r] == len(hist)
+    assert seen.any() and not seen[0] and counts[0] == 0
+    nothing = history_by_item(ds, ex.users[:2], np.zeros(2, dtype=np.int64), ex.targets[:2])
+    assert len(nothing[0]) == 0 and not nothing[2].any() and (nothing[3] == 0).all()
 
 
 def test_constant_scorer_gets_chance_level():
