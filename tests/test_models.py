@@ -702,6 +702,26 @@ def test_sasrec_ffn_width_defaults_to_d_and_can_widen(ffn_type: str) -> None:
         build_model("sasrec", N_ITEMS, {"ffn_size": -1})
 
 
+def test_sasrec_output_projection_and_normal_init_are_switches() -> None:
+    """The paper's SASRec has no output projection and Glorot-uniform weights; model.out_proj
+    adds a d x d projection with bias per block, model.init = "normal" draws N(0, 0.02)."""
+    torch.manual_seed(0)
+    paper = build_model("sasrec", N_ITEMS, {"hidden_size": 64})
+    torch.manual_seed(0)
+    other = build_model("sasrec", N_ITEMS, {"hidden_size": 64, "out_proj": True,
+                                            "init": "normal"})
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(other) - count(paper) == 2 * (64 * 64 + 64)
+    assert isinstance(paper.blocks[0].attn.out, torch.nn.Identity)
+    ffn_paper, ffn_other = paper.blocks[0].ffn.fc1.weight, other.blocks[0].ffn.fc1.weight
+    assert ffn_paper.std() > 0.1 and abs(ffn_other.std().item() - 0.0176) < 0.002
+    assert other.item_embedding.table.weight[1:].abs().max() <= 0.04 + 1e-6  # truncated at 2σ
+    seqs = torch.randint(1, N_ITEMS + 1, (2, N))
+    assert other(seqs).hidden.shape == (2, N, 64)
+    with pytest.raises(ConfigError, match="model.init"):
+        build_model("sasrec", N_ITEMS, {"init": "kaiming"})
+
+
 def test_swiglu_is_the_gated_linear_unit() -> None:
     from retr.models.layers import SwiGLU
 

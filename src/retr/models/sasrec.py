@@ -7,7 +7,8 @@
 
 Causal self-attention over the shifted sequence, ReLU FFN of width d (``ffn_size``), dropout on the
 embedding, attention weights and FFN, Glorot-uniform initialisation, LayerNorm eps 1e-8, heads
-concatenated without an output projection (all as in the official code).
+concatenated without an output projection (all as in the official code; ``out_proj`` and
+``init = "normal"`` are ours, for comparison with re-implementations that differ there).
 
 attention="pathway" swaps each block's self-attention for RETR's pathway attention (the
 paper's model-agnostic claim); the router options are the same as RETR's, causal pooling
@@ -50,6 +51,11 @@ class SASRecConfig:
     # FFN inner width; 0 = d, the paper's (ours: a wider FFN, e.g. eSASRec's 4d SwiGLU)
     ffn_size: int = 0
     attention: str = "self"  # "self" (SASRec) | "pathway" (SASRec + pathway attention)
+    # ours, beyond the paper (what the RecSys'23 SASRec+ reference has): an output projection
+    # after the heads (d x d with bias, as torch's MultiheadAttention), and "normal"
+    # initialisation, truncated N(0, 0.02) for every weight (the paper: "xavier", Glorot-uniform)
+    out_proj: bool = False
+    init: str = "xavier"
     # pathway only: the router switches (pathway.py), flat keys of [model] as in RETR
     pathway: RouterOptions = field(default_factory=RouterOptions)
     # block switches beyond the paper (layers.BlockOptions), flat keys of [model]: layout
@@ -70,6 +76,9 @@ class SASRecConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.attention not in ("self", "pathway"):
             raise ConfigError(f"model.attention must be 'self' or 'pathway', got {self.attention!r}")
+        if self.init not in ("xavier", "normal"):
+            raise ConfigError(f"model.init must be 'xavier' (the paper's) or 'normal' "
+                              f"(N(0, 0.02)), got {self.init!r}")
 
 
 class SASRec(SequentialRecommender):
@@ -85,18 +94,18 @@ class SASRec(SequentialRecommender):
         self.n_items = n_items
         self.max_len = cfg.max_len
         d = cfg.hidden_size
-        self.item_embedding = ItemEmbedding(n_items, d, init="xavier")
+        self.item_embedding = ItemEmbedding(n_items, d, init=cfg.init)
         self.position = PositionalEmbedding(cfg.max_len, d)
         self.dropout = Dropout(cfg.dropout)
         pathway = cfg.pathway if cfg.attention == "pathway" else None
         self.blocks = nn.ModuleList(
             TransformerBlock(attention_module(d, cfg.num_heads, cfg.dropout, causal=True,
-                                              out_proj=False, pathway=pathway),
+                                              out_proj=cfg.out_proj, pathway=pathway),
                              d, cfg.ffn_size or d, cfg.dropout, eps=1e-8,
                              **cfg.block.block_args("pre", "relu"))
             for _ in range(cfg.num_layers))
         self.final_norm = make_norm(cfg.block.norm_type, d, 1e-8)
-        init_weights(self, "xavier")
+        init_weights(self, cfg.init)
 
     def forward(self, seqs: torch.Tensor, output_attentions: bool = False,
                 last_only: bool = False) -> ModelOutput:
