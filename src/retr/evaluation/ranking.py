@@ -106,8 +106,9 @@ def full_rank_counts(model: SequentialRecommender, dataset: SequenceDataset, exa
 
     The item-chunk loop never waits on the device: the history's (row, item) pairs are sorted
     by item on the host (:func:`history_by_item`), so each chunk's pairs are a slice known in
-    advance (no boolean selection), the target is masked by a scatter (no ``nonzero``), and the finiteness check
-    is one flag per batch. On a GPU each of those was a host synchronisation per chunk.
+    advance (no boolean selection), the target is masked by a scatter (no ``nonzero``), and the
+    finiteness check is one flag per batch. On a GPU each of those was a host synchronisation
+    per chunk.
     """
     model.eval()
     m, n_items = len(examples), dataset.n_items
