@@ -94,3 +94,20 @@ def test_on_validation_sees_every_validation_and_can_stop_training(tmp_path: Pat
         retr.train(cfg, data, tmp_path / "b", log=lambda _: None, on_validation=stop)
     assert (tmp_path / "b" / "trainer_state.pt").is_file()  # epoch 1's checkpoints are there
     assert not (tmp_path / "b" / "results.json").exists()
+
+
+def test_no_trial_is_pruned_before_the_warm_up_epoch(tmp_path: Path) -> None:
+    """A learning rate that barely trains is pruned at its first validation once three trials
+    are done, unless --prune-after-epochs holds pruning back past the budget; the record says
+    which pruner ran."""
+    space = read_space(_space(tmp_path, '[space]\n"train.lr" = { choices = [0.01, 1e-7] }\n'))
+    base = {**BASE, "train": {**BASE["train"], "epochs": 3}}
+    data = retr.load_dataset(RunConfig.from_dict(base).data)
+    pruned = tune(base, data, space, tmp_path / "s", trials=8)
+    assert any(t["state"] == "pruned" and t["epochs"] == 1 for t in pruned["trials"])
+    assert pruned["pruner"] == "median (3 startup trials)"
+    held = tune(base, data, space, tmp_path / "t", trials=8, prune_after_epochs=4)
+    assert [t["state"] for t in held["trials"]] == ["complete"] * 8
+    assert held["pruner"] == "median (3 startup trials, none before epoch 4)"
+    with pytest.raises(ConfigError, match="prune-after-epochs"):
+        tune(base, data, space, tmp_path / "u", trials=1, prune_after_epochs=-1)

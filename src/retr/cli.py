@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop starting trials after this long (0 = no limit)")
     tu.add_argument("--no-prune", action="store_true",
                     help="train every trial to its end (default: prune below-median trials)")
+    tu.add_argument("--prune-after-epochs", type=int, default=0, metavar="N",
+                    help="prune no trial before epoch N (early validations are noisy; default 0)")
     tu.add_argument("--data", help="registry name, synthetic[:k=v,...] or a file path")
     tu.add_argument("--model", help="model name (retr, sasrec, bert4rec, gru4rec, pop)")
     add_config_args(tu)
@@ -259,7 +261,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     base = resolve_args(args)
     record = tune(base.to_dict(), load_dataset(base.data), read_space(args.space), args.out,
-                  args.trials, args.timeout_minutes, seed=base.seed, prune=not args.no_prune)
+                  args.trials, args.timeout_minutes, seed=base.seed, prune=not args.no_prune,
+                  prune_after_epochs=args.prune_after_epochs)
     if args.json:
         print(json.dumps(record, indent=2))
         return 0

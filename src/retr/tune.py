@@ -12,7 +12,9 @@ Every trial is an ordinary run (``OUT/trial-NNNN``) of the base config with the 
 scored by its best ``train.valid_metric`` under ``train.valid_protocol`` (the value the early
 stopping selected on); test metrics are computed by each run as always but never read here.
 Trials that trail the median of earlier trials at the same epoch are pruned (Optuna's
-``MedianPruner``). The study lives in a journal file (``OUT/study.log``), so a killed search
+``MedianPruner``, after three finished trials and from epoch ``prune_after_epochs`` on: the
+first validations are noisy and favour configurations that start fast, such as a high
+learning rate). The study lives in a journal file (``OUT/study.log``), so a killed search
 resumes where it stopped, and ``OUT/tune.json`` records the space, the trial count, the budget,
 every trial and the best one.
 """
@@ -114,13 +116,15 @@ def _value_text(value: Any) -> str:
 
 def tune(base: dict[str, Any], dataset: SequenceDataset, space: list[Dimension], out: str | Path,
          trials: int, timeout_minutes: float = 0.0, seed: int = 0,
-         prune: bool = True) -> dict[str, Any]:
+         prune: bool = True, prune_after_epochs: int = 0) -> dict[str, Any]:
     """Search ``space`` around the raw config ``base`` for ``trials`` trials in total (trials a
     previous call left in ``out`` count), or until ``timeout_minutes``; returns the record
     written to ``out/tune.json``."""
     optuna = _optuna()
     if trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {trials}")
+    if prune_after_epochs < 0:
+        raise ConfigError(f"--prune-after-epochs must be >= 0, got {prune_after_epochs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     RunConfig.from_dict(base, "tune: base config")  # a bad base fails before any trial
@@ -131,8 +135,8 @@ def tune(base: dict[str, Any], dataset: SequenceDataset, space: list[Dimension],
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(out / STUDY_FILE)))
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if prune \
-        else optuna.pruners.NopPruner()
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=prune_after_epochs) \
+        if prune else optuna.pruners.NopPruner()
     study = optuna.create_study(study_name="retr", storage=storage, direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner,
                                 load_if_exists=True)
@@ -162,14 +166,16 @@ def tune(base: dict[str, Any], dataset: SequenceDataset, space: list[Dimension],
         study.optimize(objective, n_trials=remaining,
                        timeout=timeout_minutes * 60 if timeout_minutes else None,
                        catch=(RetrError,))
-    record = _record(study, space, base, trials, timeout_minutes, seed, prune, metric,
+    pruner_text = "none" if not prune else "median (3 startup trials" + (
+        f", none before epoch {prune_after_epochs})" if prune_after_epochs else ")")
+    record = _record(study, space, base, trials, timeout_minutes, seed, pruner_text, metric,
                      time.perf_counter() - started)
     atomic_write_json(out / TUNE_FILE, record)
     return record
 
 
 def _record(study: Any, space: list[Dimension], base: dict[str, Any], trials: int,
-            timeout_minutes: float, seed: int, prune: bool, metric: str,
+            timeout_minutes: float, seed: int, pruner: str, metric: str,
             seconds: float) -> dict[str, Any]:
     rows = [{"number": t.number, "state": t.state.name.lower(), "params": t.params,
              "valid": t.value, "run_dir": t.user_attrs.get("run_dir"),
@@ -181,5 +187,5 @@ def _record(study: Any, space: list[Dimension], base: dict[str, Any], trials: in
     return {"objective": f"best validation {metric} (never test)", "space":
             {d.key: d.to_dict() for d in space}, "trials_asked": trials,
             "trials": rows, "timeout_minutes": timeout_minutes or None, "sampler": "TPE",
-            "sampler_seed": seed, "pruner": "median (3 startup trials)" if prune else "none",
+            "sampler_seed": seed, "pruner": pruner,
             "seconds_this_call": round(seconds, 1), "base_config": base, "best": best}
