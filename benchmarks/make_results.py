@@ -137,6 +137,46 @@ def fewer_seeds(groups: dict[str, list[dict[str, Any]]], dataset: str,
     return out
 
 
+def _space_text(spec: dict[str, Any]) -> str:
+    if spec.get("choices"):
+        return "{" + ", ".join(str(c) for c in spec["choices"]) + "}"
+    return f"[{spec['low']:g}, {spec['high']:g}]" + (" log" if spec.get("log") else "")
+
+
+def tuning_section(results_dir: Path) -> list[str]:
+    """One row per ``retr tune`` study: the space, the trials (complete / pruned), the budget
+    and the best trial, so a tuned row's search stands beside it."""
+    studies = []
+    for path in sorted(results_dir.glob("tune-*.json")):
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(rec, dict) and "trials" in rec and "space" in rec:
+            studies.append((path, rec))
+    if not studies:
+        return []
+    lines = [text("tuning"), "", "| study | base recipe | space | trials: complete / pruned / "
+             "asked | budget | best trial (validation) |", "|---|---|---|---|---|---|"]
+    for path, rec in studies:
+        base = rec["base_config"]
+        states = Counter(t["state"] for t in rec["trials"])
+        minutes = sum(t["seconds"] or 0 for t in rec["trials"]) / 60
+        budget = (f"{rec['timeout_minutes']:g} min per study" if rec.get("timeout_minutes")
+                  else "no study limit")
+        cap = base.get("train", {}).get("max_minutes")
+        budget += f", {cap:g} min per trial" if cap else ""
+        budget += f"; {minutes:.0f} min used; pruner: {rec['pruner']}"
+        best = rec.get("best")
+        best_text = "-" if best is None else (
+            f"{best['number']} ({best['valid']:.4f}): " + ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in best["params"].items()))
+        space = "; ".join(f"{k} {_space_text(v)}" for k, v in rec["space"].items())
+        lines.append(f"| `{path.stem}` | {base['model']['name']} on {base['data']['source']}, "
+                     f"loss {base['train'].get('loss', '-')} | {space} | "
+                     f"{states.get('complete', 0)} / {states.get('pruned', 0)} / "
+                     f"{rec['trials_asked']} | {budget} | {best_text} |")
+    return [*lines, ""]
+
+
 def goal_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
                  path: Path = HERE / "published.toml") -> list[str]:
     """Best RETR and SASRec rows per dataset (chosen on validation) beside the anchors and the
@@ -828,6 +868,7 @@ def build(records: list[dict[str, Any]], results_dir: Path,
             f"{statistics.fmean(r['train_seconds'] for r in rs) / 60:.1f} min"
             for label, rs in sorted(tables["pretrain"].items()))), ""]
     lines += goal_section(tables)
+    lines += tuning_section(results_dir)
     if (results_dir / "routes" / "pathways.md").exists():
         lines += pathways_section(results_dir / "routes" / "pathways.md")
     lines += pathway_budget_section(tables, results_dir)

@@ -112,6 +112,27 @@ def test_head_to_head_rerun_with_an_epoch_floor_meets_the_plain_baseline(tmp_pat
     assert "| retr-bpr-short-min40 | sasrec-bpr-short |" not in text
 
 
+def test_tuning_section_lists_each_study_beside_its_budget(tmp_path: Path) -> None:
+    study = {"space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+                       "train.optimizer": {"choices": ["adam", "adamw"]}},
+             "trials_asked": 3, "timeout_minutes": 60, "pruner": "median (3 startup trials)",
+             "base_config": {"model": {"name": "retr"}, "data": {"source": "lastfm"},
+                             "train": {"loss": "ce", "max_minutes": 12}},
+             "trials": [{"number": 0, "state": "complete", "valid": 0.05, "seconds": 600,
+                         "params": {"train.lr": 0.001, "train.optimizer": "adam"}},
+                        {"number": 1, "state": "pruned", "valid": None, "seconds": 60,
+                         "params": {}}],
+             "best": {"number": 0, "valid": 0.05,
+                      "params": {"train.lr": 0.001, "train.optimizer": "adam"}}}
+    assert make_results.tuning_section(tmp_path) == []  # no study, no section
+    (tmp_path / "tune-retr-ce-lastfm.json").write_text(json.dumps(study))
+    text = "\n".join(make_results.tuning_section(tmp_path))
+    assert "| `tune-retr-ce-lastfm` | retr on lastfm, loss ce | train.lr [0.0001, 0.01] log; " \
+        "train.optimizer {adam, adamw} | 1 / 1 / 3 | 60 min per study, 12 min per trial; " \
+        "11 min used; pruner: median (3 startup trials) | 0 (0.0500): train.lr=0.001, " \
+        "train.optimizer=adam |" in text
+
+
 def test_validation_seconds_is_what_the_epochs_spent_outside_training() -> None:
     epochs = [{"train_seconds": 2.0, "elapsed_seconds": 3.0},
               {"train_seconds": 2.0, "elapsed_seconds": 5.0},
