@@ -32,6 +32,7 @@ import numpy as np
 import retr
 import retr.evaluation.protocol as protocol
 from retr.evaluation.ranking import full_rank_counts
+from retr.runs import make_run_split
 
 from .common import epoch_validation_seconds
 
@@ -70,9 +71,7 @@ def measure(cfg: retr.RunConfig, dataset: retr.SequenceDataset, ranker: Callable
 def same_counts(model: Any, dataset: retr.SequenceDataset, cfg: retr.RunConfig,
                 peer: Callable[..., Any]) -> bool:
     """Whether both implementations give every validation example the same rank counts."""
-    sp = cfg.split
-    examples = retr.make_split(dataset, sp.kind, seed=cfg.seed, valid_cutoff=sp.valid_cutoff,
-                               test_cutoff=sp.test_cutoff, rolling_steps=sp.rolling_steps).valid
+    examples = make_run_split(cfg, dataset).valid  # the split the runs validated on
     args = (cfg.eval.exclude_history, cfg.eval.batch_size, cfg.eval.item_chunk)
     ours, theirs = full_rank_counts(model, dataset, examples, *args), peer(model, dataset, examples, *args)
     return all(np.array_equal(getattr(ours, f), getattr(theirs, f))
