@@ -394,3 +394,80 @@ def test_resume_with_the_training_options_is_exact(tmp_path):
     assert main(["train", "--resume", str(part)]) == 0
     a, b = load_file(str(full / "last.safetensors")), load_file(str(part / "last.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_windows_by_hand() -> None:
+    from retr.training.trainer import training_windows
+
+    users, lengths = np.array([0, 1, 2]), np.array([5, 12, 6])
+    u, n = training_windows(users, lengths, window=5, stride=4)
+    # 5 fits the window; 12 adds ceil(7 / 4) = 2 rows ending 4 and 8 items earlier; 6 adds one.
+    assert u.tolist() == [0, 1, 1, 1, 2, 2] and n.tolist() == [5, 12, 8, 4, 6, 2]
+    same = training_windows(users, lengths, window=5, stride=0)
+    assert same[0] is users and same[1] is lengths
+
+
+@pytest.mark.parametrize("cloze", [False, True])
+def test_training_windows_reach_every_target(cloze: bool) -> None:
+    """With stride = N every target of a long history is in exactly one row's window; with a
+    smaller stride every target is still reached (windows overlap)."""
+    from retr.training.trainer import training_windows
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 200, size=300)
+    n = 16
+    window = n if cloze else n + 1
+    first = 0 if cloze else 1  # a next-item row's first item is input only
+    for stride, once in [(n, True), (5, False), (1, False)]:
+        users, ends = training_windows(np.arange(300), lengths, window, stride)
+        hits = np.zeros((300, 200), dtype=np.int64)
+        for u, e in zip(users, ends, strict=True):  # test-side bookkeeping, not library code
+            hits[u, max(e - window, 0) + first:e] += 1
+        for u, length in enumerate(lengths):
+            assert (hits[u, first:length] >= 1).all() and not hits[u, length:].any()
+            if once:
+                assert (hits[u, first:length] == 1).all()
+
+
+def test_window_stride_is_checked() -> None:
+    from retr.config import TrainConfig, resolve_config
+    from retr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.window_stride"):
+        TrainConfig(window_stride=-1)
+    with pytest.raises(ConfigError, match="model.max_len"):
+        resolve_config(None, ["model.name='sasrec'", "model.max_len=20",
+                              "train.window_stride=21"])
+
+
+def test_window_stride_trains_and_resumes_exactly(tmp_path, capsys):
+    """Histories of up to 60 items, a window of 10: the extra rows train, and resume after a
+    kill is bit-identical with them."""
+    data = "synthetic:n_users=120,n_items=200,n_themes=8,min_len=30,max_len=60,seed=3"
+    options = ["model.max_len=10", "train.window_stride=10"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["train", "--data", data, "--model", "sasrec", "--out", str(full),
+                 *_sets("sasrec", 2, options)]) == 0
+    assert main(["train", "--data", data, "--model", "sasrec", "--out", str(part),
+                 *_sets("sasrec", 1, options)]) == 0
+    cfg = json.loads((part / "config.json").read_text())
+    assert cfg["train"]["window_stride"] == 10
+    cfg["train"]["epochs"] = 2
+    (part / "config.json").write_text(json.dumps(cfg))
+    assert main(["train", "--resume", str(part)]) == 0
+    a, b = load_file(str(full / "last.safetensors")), load_file(str(part / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+
+
+def test_too_few_negatives_names_a_value_that_works(tmp_path, capsys):
+    import re
+
+    data = "synthetic:n_users=120,n_items=80,n_themes=8,min_len=30,max_len=60,seed=3"
+    assert main(["train", "--data", data, "--model", "pop", "--out", str(tmp_path / "r"),
+                 *_sets("pop", 1)]) != 0
+    err = capsys.readouterr().err
+    fits = int(re.search(r"--set eval.negatives=(\d+)", err).group(1))
+    assert "fewer than the 50 negatives" in err and 1 <= fits < 50
+    assert main(["train", "--data", data, "--model", "pop", "--out", str(tmp_path / "ok"),
+                 *_sets("pop", 1, [f"eval.negatives={fits}"])]) == 0

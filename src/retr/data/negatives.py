@@ -42,7 +42,8 @@ def sample_negatives(dataset: SequenceDataset, examples: EvalExamples, n: int = 
         raise DataError(
             f"user {dataset.vocab.users[examples.users[bad]]} has only {free[bad]} items they never "
             f"interacted with, fewer than the {n} negatives asked for; lower "
-            "eval.negatives, e.g. --set eval.negatives=50")
+            f"eval.negatives to at most {int(free.min())} (--set eval.negatives="
+            f"{int(free.min())}) or run full ranking only (eval.protocols = ['full'])")
     rng = np.random.default_rng(seed)
     if popularity is not None:
         p = np.asarray(popularity[1:], dtype=np.float64) + 1e-12

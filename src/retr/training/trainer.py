@@ -76,6 +76,24 @@ def training_batch(model: SequentialRecommender, dataset: SequenceDataset, users
     return inputs.to(device), targets.to(device)
 
 
+def training_windows(users: np.ndarray, lengths: np.ndarray, window: int,
+                     stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """(users, prefix lengths) of the training rows, with ``train.window_stride`` (ours).
+
+    ``window``: the items one row reads (N + 1 for next-item models: N inputs and their shifted
+    targets; N for cloze). A history of L > window items adds rows ending at L - k, L - 2k, ...,
+    until one reaches its first item: ceil((L - window) / k) extra rows. stride 0 returns the
+    rows unchanged (one per user: the paper's).
+    """
+    if stride <= 0:
+        return users, lengths
+    extra = np.where(lengths > window, -(-(lengths - window) // stride), 0)
+    counts = 1 + extra
+    starts = np.cumsum(counts) - counts
+    step = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
+    return np.repeat(users, counts), np.repeat(lengths, counts) - step * stride
+
+
 def batch_loss(tc: TrainConfig, model: SequentialRecommender, forward: Any, inputs: torch.Tensor,
                targets: torch.Tensor, gen: torch.Generator,
                proposal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,6 +338,9 @@ def fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: Pa
             f"{best:.4f} at epoch {best_epoch})")
     writer = _tensorboard(run_dir) if tc.tensorboard and ctx.is_main else None
     split = data.split
+    window = model.max_len + (model.objective != "cloze")
+    train_users, train_lengths = training_windows(split.train_users, split.train_lengths,
+                                                  window, tc.window_stride)
     epoch = start_epoch - 1
     for epoch in range(start_epoch, tc.epochs + 1):
         if _patience_spent(tc, bad, epoch - 1) or (tc.max_minutes
@@ -328,7 +349,7 @@ def fit(cfg: RunConfig, model: SequentialRecommender, data: RunData, run_dir: Pa
             break
         t0 = time.perf_counter()
         try:
-            stats = train_epoch(model, data.dataset, split.train_users, split.train_lengths,
+            stats = train_epoch(model, data.dataset, train_users, train_lengths,
                                 optimizer, tc, cfg.seed, epoch, device, ddp, ctx, proposal)
         except TrainingDiverged as exc:
             kept = ("none had been written yet" if epoch == 1 else
