@@ -161,6 +161,18 @@ def test_results_converged_options_against_the_row_they_extend(tmp_path: Path) -
     assert "retr-ce-toy-faithful" not in section
 
 
+def test_results_paper_recipe_options_against_the_row_they_extend(tmp_path: Path) -> None:
+    records = [_record("retr-ce-toy-paper", 0, 0.10, 0.5, table="paper-recipe"),
+               _record("retr-ce-toy-paper", 1, 0.30, 0.5, table="paper-recipe"),
+               _record("retr-ce-toy-paper-windows", 1, 0.33, 0.6, table="paper-recipe"),
+               _record("sasrec-ce-toy-paper", 0, 0.10, 0.5, table="paper-recipe")]
+    text = make_results.build(records, tmp_path)
+    section = text.split("### Options and reruns at the paper's recipe")[1].split("###")[0]
+    assert "| retr-ce-toy-paper-windows | retr-ce-toy-paper | 1 | 0.3300 | 0.3000 | " \
+        "+10.0 % |" in section
+    assert "| sasrec-ce-toy-paper |" not in section
+
+
 def test_results_cli_skips_other_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "a.json").write_text(json.dumps(_record("pop-toy", 0, 0.01, 0.2, epochs=0)))
     (tmp_path / "speed_raw.json").write_text(json.dumps({"rows": []}))
