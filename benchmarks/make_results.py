@@ -849,8 +849,9 @@ def build(records: list[dict[str, Any]], results_dir: Path,
         converged = {label: rs for label, rs in groups.items() if "-converged" in label}
         if key == "intra-domain" and converged:
             lines += [text("option-deltas"), "", *ablation_deltas(converged), ""]
-        if key == "paper-recipe" and any(a.startswith(b + "-") for a in groups for b in groups):
-            lines += [text("option-deltas paper-recipe"), "", *ablation_deltas(groups), ""]
+        deltas = ablation_deltas(groups) if key == "paper-recipe" else []
+        if len(deltas) > 2:  # rows beyond the header: some label extends another
+            lines += [text("option-deltas paper-recipe"), "", *deltas, ""]
         if key == "ablation":  # the unablated rows beside their ablations
             intra = tables.get("intra-domain", {})
             groups = {**{label: rs for label, rs in intra.items()

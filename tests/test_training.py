@@ -457,6 +457,11 @@ def test_window_stride_trains_and_resumes_exactly(tmp_path, capsys):
     assert main(["train", "--resume", str(part)]) == 0
     a, b = load_file(str(full / "last.safetensors")), load_file(str(part / "last.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = tmp_path / "plain"  # the same run on the last windows only trains other weights
+    assert main(["train", "--data", data, "--model", "sasrec", "--out", str(plain),
+                 *_sets("sasrec", 2, ["model.max_len=10"])]) == 0
+    c = load_file(str(plain / "last.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
     capsys.readouterr()
 
 

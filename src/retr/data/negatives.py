@@ -39,11 +39,13 @@ def sample_negatives(dataset: SequenceDataset, examples: EvalExamples, n: int = 
     free = n_items - seen[examples.users]
     if (free < n).any():
         bad = int(np.flatnonzero(free < n)[0])
+        fits = int(free.min())  # the most negatives every example can have
+        lower = (f"lower eval.negatives to at most {fits} (--set eval.negatives={fits}) or "
+                 if fits >= 1 else "")
         raise DataError(
             f"user {dataset.vocab.users[examples.users[bad]]} has only {free[bad]} items they never "
-            f"interacted with, fewer than the {n} negatives asked for; lower "
-            f"eval.negatives to at most {int(free.min())} (--set eval.negatives="
-            f"{int(free.min())}) or run full ranking only (eval.protocols = ['full'])")
+            f"interacted with, fewer than the {n} negatives asked for; {lower}run full ranking "
+            "only (eval.protocols = ['full'])")
     rng = np.random.default_rng(seed)
     if popularity is not None:
         p = np.asarray(popularity[1:], dtype=np.float64) + 1e-12
