@@ -44,7 +44,7 @@ def _settings(path: Path, overrides: list[str]) -> dict:
 
 
 @pytest.mark.parametrize(("recipe", "grid", "label"), [
-    ("retr-ml-1m-modern.toml", "converged.toml", "retr-ce-ml-1m-converged-modern-wide"),
+    ("retr-ml-1m-modern.toml", "converged.toml", "retr-ce-ml-1m-converged-modern-wide-windows"),
     ("retr-lastfm-windows.toml", "lastfm-gap.toml", "retr-ce-lastfm-paper-windows"),
 ])
 def test_recipe_is_the_measured_row(recipe: str, grid: str, label: str) -> None:
