@@ -173,6 +173,40 @@ def test_results_paper_recipe_options_against_the_row_they_extend(tmp_path: Path
     assert "| sasrec-ce-toy-paper |" not in section
 
 
+def _goal_record(label: str, seed: int, test: float, valid: float) -> dict:
+    rec = _record(label, seed, test, 0.5)
+    rec["results"]["model"] = label.split("-")[0]
+    rec["results"]["results"][2]["metrics"] = {"NDCG@10": valid}
+    return rec
+
+
+def test_goal_chooses_on_validation_and_compares_same_options(tmp_path: Path) -> None:
+    """The best rows are chosen on validation (never test); the goal's comparison is the best
+    RETR row against SASRec with the same options over the seeds both have, met or not."""
+    spec = tmp_path / "published.toml"
+    spec.write_text('[[goal]]\ndataset = "toy"\nmetrics = { "NDCG@10" = 0.2 }\n\n'
+                    '[[anchor]]\ndataset = "toy"\nmodel = "X"\nsource = "paper"\n'
+                    'metrics = { "HR@10" = 0.5, "NDCG@10" = 0.25 }\n', encoding="utf-8")
+    recs = [_goal_record("retr-ce-toy-a", s, 0.20 + s / 100, 0.30) for s in range(3)]
+    recs += [_goal_record("retr-ce-toy-b", s, 0.50, 0.10) for s in range(3)]  # best on test
+    recs += [_goal_record("sasrec-ce-toy-a", s, 0.25, 0.10) for s in (1, 2)]
+    recs += [_goal_record("sasrec-ce-toy-c", s, 0.10, 0.40) for s in range(3)]
+    groups: dict[str, list[dict]] = {}
+    for r in recs:
+        groups.setdefault(r["label"], []).append(r)
+    text = "\n".join(make_results.goal_section({"intra-domain": groups}, spec))
+    assert "| toy | best retr: `retr-ce-toy-a` | 3 | 0.4200 ± 0.0200 | 0.2100 ± 0.0100 | " \
+        "NDCG@10 0.200: met |" in text
+    assert "| toy | best sasrec: `sasrec-ce-toy-c` |" in text
+    assert "| toy | X (anchor) | - | 0.5000 | 0.2500 | - | paper |" in text
+    # seeds 1 and 2: (0.21 + 0.22) / 2 = 0.215 against 0.25
+    assert "toy: `retr-ce-toy-a` -14.0 % against `sasrec-ce-toy-a` (same options and budget, " \
+        "seeds 1,2: not met); best RETR +110.0 % against best SASRec" in text
+    del groups["sasrec-ce-toy-a"]
+    text = "\n".join(make_results.goal_section({"intra-domain": groups}, spec))
+    assert "SASRec with the options of `retr-ce-toy-a` not measured (`sasrec-ce-toy-a`)" in text
+
+
 def test_results_cli_skips_other_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "a.json").write_text(json.dumps(_record("pop-toy", 0, 0.01, 0.2, epochs=0)))
     (tmp_path / "speed_raw.json").write_text(json.dumps({"rows": []}))
