@@ -240,8 +240,8 @@ def same_options_verdict(groups: dict[str, list[dict[str, Any]]], label: str,
     gap = 100 * (statistics.fmean(metric_values(ours, "full", "NDCG@10"))
                  / statistics.fmean(metric_values(theirs, "full", "NDCG@10")) - 1)
     seeds = ",".join(str(x) for x in common)
-    return (f"`{label}` {gap:+.1f} % against `{twin}` (same options and budget, seeds "
-            f"{seeds}: {'met' if gap >= 0 else 'not met'})")
+    return (f"`{label}` {gap:+.1f} % against `{twin}` (same options and budget, "
+            f"seed{'s' * (len(common) > 1)} {seeds}: {'met' if gap >= 0 else 'not met'})")
 
 
 def _fmt(values: list[float]) -> str:
