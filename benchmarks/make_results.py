@@ -178,9 +178,11 @@ def tuning_section(results_dir: Path) -> list[str]:
 
 
 def goal_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
-                 path: Path = HERE / "published.toml") -> list[str]:
+                 path: Path = HERE / "published.toml",
+                 plot_dir: Path | None = None) -> list[str]:
     """Best RETR and SASRec rows per dataset (chosen on validation) beside the anchors and the
-    goal, met or not, with the exact command of each row."""
+    goal, met or not, with the exact command of each row; with ``plot_dir``, a picture of the
+    first goal's dataset."""
     spec = tomllib.loads(path.read_text(encoding="utf-8"))
     groups = {label: rs for key in GOAL_TABLES for label, rs in tables.get(key, {}).items()}
     lines = [text("goal"), "", "| dataset | row | seeds | test HR@10 | test NDCG@10 | "
@@ -224,7 +226,68 @@ def goal_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
             gap = 100 * (means["retr"] / means["sasrec"] - 1)
             verdicts[-1] += f"; best RETR {gap:+.1f} % against best SASRec"
     lines += ["", text("goal-verdicts", verdicts="; ".join(verdicts) or "none measured"), ""]
+    if plot_dir is not None and spec.get("goal"):
+        goal = spec["goal"][0]
+        out = plot_dir / f"goal_{goal['dataset']}.png"
+        if goal_plot(groups, goal, [a for a in spec.get("anchor", [])
+                                    if a["dataset"] == goal["dataset"]], out):
+            lines += [text("goal-plot", dataset=goal["dataset"], file=out.name), ""]
     return lines
+
+
+def goal_plot(groups: dict[str, list[dict[str, Any]]], goal: dict[str, Any],
+              anchors: list[dict[str, Any]], out: Path) -> bool:
+    """Test full NDCG@10 of every RETR and SASRec cross-entropy row trained to early stopping
+    on the goal's dataset (``-ce-`` with ``-converged`` or ``-paper`` labels; mean and the
+    seeds' spread), beside the anchors and the goal."""
+    rows = []
+    for label, rs in groups.items():
+        r0 = rs[0]["results"]
+        if r0.get("dataset") != goal["dataset"] or r0.get("model") not in ("retr", "sasrec") \
+                or "-ce-" not in label or not ("-converged" in label or "-paper" in label):
+            continue
+        values = metric_values(rs, "full", "NDCG@10")
+        if values:
+            rows.append((statistics.fmean(values), min(values), max(values), len(values),
+                         label, r0["model"]))
+    if not rows:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the plot is optional: the table says the same
+        return False
+    rows.sort()
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.6))
+    for y, (mean, lo, hi, n, _label, model) in enumerate(rows):
+        color = "tab:red" if model == "retr" else "tab:blue"
+        ax.plot([lo, hi], [y, y], color=color, alpha=0.5, linewidth=3)
+        ax.plot([mean], [y], "o", color=color)
+        ax.text(hi + 0.0005, y, f" {n} seed{'s' * (n > 1)}", va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), [r[4] for r in rows], fontsize=7)
+    top = len(rows) + 5.8  # anchor names run down from the top, above the rows
+    for a in anchors:
+        x = a["metrics"]["NDCG@10"]
+        ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+        ax.text(x, top, f"{a['model']} {x:.4f}", rotation=90, fontsize=7, ha="right",
+                va="top", color="dimgrey")
+    target = goal["metrics"].get("NDCG@10")
+    if target is not None:
+        ax.axvline(target, color="black", linestyle="--", linewidth=1)
+        ax.text(target, top, f"goal {target:.3f}", rotation=90, fontsize=7, ha="right",
+                va="top")
+    ax.set_ylim(-0.7, len(rows) + 6)
+    ax.set_xlabel("test NDCG@10, full ranking (dot: mean over seeds; bar: lowest to highest "
+                  "seed); red RETR, blue SASRec")
+    ax.set_title(f"{goal['dataset']}: rows trained to early stopping, the anchors (dotted) "
+                 f"and the goal (dashed)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def same_options_verdict(groups: dict[str, list[dict[str, Any]]], label: str,
@@ -888,7 +951,7 @@ def build(records: list[dict[str, Any]], results_dir: Path,
             f"{label}: {statistics.fmean(r['epochs'] for r in rs):.0f} epochs, "
             f"{statistics.fmean(r['train_seconds'] for r in rs) / 60:.1f} min"
             for label, rs in sorted(tables["pretrain"].items()))), ""]
-    lines += goal_section(tables)
+    lines += goal_section(tables, plot_dir=results_dir)
     lines += tuning_section(results_dir)
     if (results_dir / "routes" / "pathways.md").exists():
         lines += pathways_section(results_dir / "routes" / "pathways.md")

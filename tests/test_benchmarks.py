@@ -205,6 +205,13 @@ def test_goal_chooses_on_validation_and_compares_same_options(tmp_path: Path) ->
     del groups["sasrec-ce-toy-a"]
     text = "\n".join(make_results.goal_section({"intra-domain": groups}, spec))
     assert "SASRec with the options of `retr-ce-toy-a` not measured (`sasrec-ce-toy-a`)" in text
+    assert "goal_toy.png" not in text  # no picture unless asked for one
+    text = "\n".join(make_results.goal_section({"intra-domain": groups}, spec, tmp_path))
+    assert "goal_toy.png" not in text and not (tmp_path / "goal_toy.png").exists()  # no row to draw
+    groups["retr-ce-toy-converged"] = [_goal_record("retr-ce-toy-converged", 0, 0.2, 0.2)]
+    text = "\n".join(make_results.goal_section({"intra-domain": groups}, spec, tmp_path))
+    assert "(benchmarks/results/goal_toy.png)" in text
+    assert (tmp_path / "goal_toy.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_results_cli_skips_other_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
