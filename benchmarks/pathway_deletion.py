@@ -6,7 +6,8 @@ Usage:
 
 For each trained next-item run (RETR here), :func:`retr.deletion_test` scores the test
 histories' behaviours with each explanation (route: the last layer's keep probability α;
-attention: the last query's attention at the last layer; gradient: gradient x input; random),
+attention: the last query's attention at the last layer; gradient: gradient x input, and its
+magnitude; recency: newest first, a control; random),
 deletes the k it ranks highest and, separately, the k it ranks lowest, and ranks the true next
 item among all items again. A faithful explanation makes the top-k deletion hurt much more than
 the bottom-k one. ``--users N`` keeps a random N of the test users (drawn with the run's seed;
@@ -32,7 +33,7 @@ import torch
 
 from retr import deletion_test, load_run
 
-METHODS = ("route", "attention", "gradient", "random")
+METHODS = ("route", "attention", "gradient", "gradient_abs", "recency", "random")
 
 
 def test_ndcg(run_dir: Path) -> float | None:
@@ -69,7 +70,8 @@ def _ms(values: list[float]) -> str:
 def table(records: list[dict[str, Any]], metric: str) -> list[str]:
     k = records[0]["deletion"]["k"]
     out = ["| run | seeds | examples | intact | " + " | ".join(
-        f"{m}: top-{k} / bottom-{k} deleted" for m in METHODS) + " |", "|---" * 8 + "|"]
+        f"{m}: top-{k} / bottom-{k} deleted" for m in METHODS) + " |",
+           "|---" * (4 + len(METHODS)) + "|"]
     for label in sorted({r["label"] for r in records}):
         rs = sorted((r for r in records if r["label"] == label), key=lambda r: r["seed"])
         ds = [r["deletion"] for r in rs]
@@ -96,7 +98,9 @@ def markdown(records: list[dict[str, Any]]) -> str:
         f"(top) or lowest (bottom), rank the true next item among all items again "
         "(`retr.deletion_test`). route: the last layer's keep probability α; attention: the "
         "last query's attention at the last layer (heads averaged); gradient: gradient x input "
-        "of the target's score; random: a random order. A faithful explanation makes the top "
+        "of the target's score (gradient_abs: its magnitude); recency: newest first (bottom: "
+        "the oldest in the window), a control an explanation has to beat to say more than a "
+        "timestamp; random: a random order. A faithful explanation makes the top "
         "number much worse than the bottom one (lower HR@10, higher mean log2 rank). Mean ± sd "
         "over seeds. Written by `python -m benchmarks.pathway_deletion`.", "",
         "## HR@10 (all items)", "", *table(records, "HR@10"), "",

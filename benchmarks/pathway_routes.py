@@ -61,6 +61,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                           'model.router_target="attention"', 'model.distill_source="last"',
                           "model.hierarchical=false", 'model.gate="keys"']),
 }
+DELETION_METHODS = ("route", "attention", "gradient", "gradient_abs", "recency", "random")
 BUDGETED = ("budget25", "distilled25", "distilled25-bq", "keys25", "keys-distilled25")
 
 
@@ -85,14 +86,15 @@ def test_ndcg(results: dict[str, Any]) -> float:
 
 
 def collect(variant: str, seed: int, runs: Path, cmd: list[str], out: Path) -> dict[str, Any]:
-    """The record of one run: read back when ``out`` holds one for the same command and run."""
+    """The record of one run: read back when ``out`` holds one for the same command and run
+    and every explanation the deletion test now compares (older records are measured again)."""
     run_dir = runs / f"{variant}-s{seed}"
     results = json.loads((run_dir / "results.json").read_text())
     stored = out / f"{variant}-s{seed}.json"
     if stored.is_file():
         record = json.loads(stored.read_text())
         if record.get("command") == shlex.join(cmd) and record.get("test_ndcg@10") == \
-                test_ndcg(results):
+                test_ndcg(results) and "recency" in record["deletion"]["methods"]:
             return dict(record)
     run = load_run(run_dir)
     test = run.data.split.examples("test")
@@ -176,13 +178,12 @@ def targets(records: list[dict[str, Any]]) -> list[str]:
 
 def deletion_table(records: list[dict[str, Any]]) -> str:
     out = ["| variant | seeds | intact | " + " | ".join(
-        f"{m}: top-{DELETE_K} / bottom-{DELETE_K} deleted" for m in ("route", "attention",
-                                                                 "gradient", "random")) + " |",
-           "|---|---|---|---|---|---|---|"]
+        f"{m}: top-{DELETE_K} / bottom-{DELETE_K} deleted" for m in DELETION_METHODS) + " |",
+           "|---" * (3 + len(DELETION_METHODS)) + "|"]
     for variant in dict.fromkeys(r["variant"] for r in records):
         rs = [r["deletion"] for r in records if r["variant"] == variant]
         cells = []
-        for m in ("route", "attention", "gradient", "random"):
+        for m in DELETION_METHODS:
             if all(m in d["methods"] for d in rs):
                 top = statistics.mean(d["methods"][m]["top"]["HR@10"] for d in rs)
                 bottom = statistics.mean(d["methods"][m]["bottom"]["HR@10"] for d in rs)
@@ -244,8 +245,10 @@ def main() -> None:
           f"history the {DELETE_K} behaviors an explanation ranks highest / lowest "
           "(`retr.explain.deletion`); histories with more than "
           f"{2 * DELETE_K} behaviors. route: α of the last layer; attention: the last query's "
-          "attention at the last layer; gradient: gradient x input of the target's score. A "
-          "faithful explanation makes the first number much lower than the second.", "",
+          "attention at the last layer; gradient: gradient x input of the target's score "
+          "(gradient_abs: its magnitude); recency: newest first, a control; random: a random "
+          "order. A faithful explanation makes the first number much lower than the second. "
+          "Records made before gradient_abs and recency were added show \"-\" there.", "",
           deletion_table(records), "", "## Commands", ""]
     md += [f"- `{r['variant']}` seed {r['seed']}: `OMP_NUM_THREADS=1 {r['command']}`"
            for r in records]

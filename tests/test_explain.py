@@ -151,7 +151,8 @@ def test_deletion_test_reports_every_method(tmp_path):
     test = leave_one_out(dataset).test
     out = deletion_test(model, dataset, test, k=2, batch_size=64)
     assert out["examples"] == int((np.minimum(test.lengths, 16) > 4).sum()) > 0
-    assert set(out["methods"]) == {"route", "attention", "gradient", "random"}
+    assert set(out["methods"]) == {"route", "attention", "gradient", "gradient_abs", "recency",
+                                   "random"}
     for method in out["methods"].values():
         for part in ("top", "bottom"):
             assert 0.0 <= method[part]["HR@10"] <= 1.0
@@ -159,15 +160,15 @@ def test_deletion_test_reports_every_method(tmp_path):
 
 
 def test_relied_on_names_its_method_and_ranks_the_history(retr_rec):
-    """By default the top recommendation's gradient x input (the method that measured best for
-    the paper's router), the same numbers as the deletion test's; the other methods on request,
-    each ranking exactly the window's behaviors."""
+    """By default the magnitude of the top recommendation's gradient x input (the method that
+    measured best for the paper's router), the same numbers as the deletion test's; the other
+    methods on request, each ranking exactly the window's behaviors."""
     from retr.explain.deletion import gradient_x_input
 
     history = [f"m{i}" for i in (3, 1, 4, 7, 5, 9)]
     out = explain_history(retr_rec, history, k=3)
     relied = out["relied_on"]
-    assert relied["method"] == "gradient" and "deletion test" in relied["why"]
+    assert relied["method"] == "gradient_abs" and "deletion" in relied["why"]
     assert relied["target"] == out["recommendations"][0]["item"]
     assert sorted(relied["items"]) == sorted(history)
     assert relied["scores"] == sorted(relied["scores"], reverse=True)
@@ -176,8 +177,11 @@ def test_relied_on_names_its_method_and_ranks_the_history(retr_rec):
     target = torch.as_tensor(retr_rec.encode([relied["target"]]).ids)
     expected = gradient_x_input(retr_rec.model, seqs, target)[0, -len(history):]
     by_item = dict(zip(relied["items"], relied["scores"], strict=True))
-    np.testing.assert_allclose([by_item[h] for h in history], expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose([by_item[h] for h in history], expected.abs().numpy(), atol=1e-5)
     assert all(p.grad is None for p in retr_rec.model.parameters())  # nothing left behind
+    signed = explain_history(retr_rec, history, k=3, by="gradient")["relied_on"]
+    by_item = dict(zip(signed["items"], signed["scores"], strict=True))
+    np.testing.assert_allclose([by_item[h] for h in history], expected.numpy(), atol=1e-5)
     for method in ("attention", "route"):
         other = explain_history(retr_rec, history, k=3, by=method)["relied_on"]
         assert other["method"] == method and sorted(other["items"]) == sorted(history)
@@ -197,4 +201,4 @@ def test_relied_on_follows_the_model():
     assert explain_history(sasrec, history, by="route")["relied_on"] is None
     bert = _model_or_skip("bert4rec", hidden_size=16, num_heads=2, max_len=6)
     relied = explain_history(bert, history)["relied_on"]
-    assert relied["method"] == "gradient" and sorted(relied["items"]) == sorted(history)
+    assert relied["method"] == "gradient_abs" and sorted(relied["items"]) == sorted(history)

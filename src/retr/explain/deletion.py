@@ -10,6 +10,9 @@ bottom-k one. Explanations compared:
 - ``attention``: the last query's attention at the last layer, heads averaged;
 - ``gradient``: gradient x input, the derivative of the target's score with respect to each
   input item vector times that vector, summed over the hidden dimensions;
+- ``gradient_abs``: its magnitude (a behavior that pushes the target down also matters);
+- ``recency``: newest first (a control: an explanation that only finds the latest behaviors
+  says nothing a timestamp does not);
 - ``random``: a random order (the floor every explanation should beat).
 
 Histories shorter than 2k + 1 behaviors are skipped (both deletions must leave something).
@@ -26,7 +29,7 @@ from retr.data.dataset import SequenceDataset
 from retr.data.splits import EvalExamples
 from retr.models.base import SequentialRecommender
 
-METHODS = ("route", "attention", "gradient", "random")
+METHODS = ("route", "attention", "gradient", "gradient_abs", "recency", "random")
 
 
 def delete_tokens(seqs: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
@@ -80,6 +83,9 @@ def explanation_scores(model: SequentialRecommender, seqs: torch.Tensor, targets
     if out.attentions:
         scores["attention"] = out.attentions[-1][:, :, -1].mean(dim=1)  # [B, N]
     scores["gradient"] = gradient_x_input(model, seqs, targets)
+    scores["gradient_abs"] = scores["gradient"].abs()
+    scores["recency"] = torch.arange(seqs.shape[1], device=seqs.device,
+                                     dtype=torch.float32).expand(seqs.shape)  # left-padded
     scores["random"] = torch.rand(seqs.shape, generator=gen).to(seqs.device)
     return scores
 

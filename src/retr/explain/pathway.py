@@ -10,10 +10,12 @@ give attention alone; models without attention (GRU4Rec, pop) give no layers.
 
 ``relied_on`` ranks the behaviors by what the top recommendation relied on, with the method
 that measured best in the deletion test (:mod:`retr.explain.deletion`, RESULTS.md "Pathways":
-removing the behaviors a faithful method ranks highest hurts the target most): gradient x
-input of that recommendation's score, except for a router distilled from attention
-(``router_target = "attention"``, ours), whose route and last-query attention measured better.
-``by`` picks another method; the JSON names the one used.
+removing the behaviors a faithful method ranks highest hurts the target most): the magnitude
+of gradient x input of that recommendation's score, except for a router distilled from
+attention (``router_target = "attention"``, ours), whose last-query attention measured better.
+The signed gradient x input ranks a behavior that pushes the target down last, although
+deleting it changes the prediction as much: on converged models its top-ranked behaviors
+mattered no more than random ones. ``by`` picks another method; the JSON names the one used.
 
 :func:`draw_pathway` turns that into a PNG per layer, like the paper's figures: on top, bars
 of the drawn-with probability coloured by the route actually taken (red: on the pathway; grey:
@@ -39,14 +41,23 @@ from retr.models.pathway import PathwayRouter, inference_rule_text
 from retr.serving.recommender import EmptyHistoryError, Recommender
 
 MASK_TOKEN = "[mask]"
-RELIED_ON = ("auto", "gradient", "attention", "route")
-WHY = {  # the deletion test on the planted-pathway log (3 seeds, k = 3; RESULTS.md)
-    "gradient": "gradient x input of the top recommendation's score: in the deletion test, "
-                "removing the 3 behaviors it ranks highest cut HR@10 most for the paper's "
-                "router (0.634 -> 0.504; last-query attention 0.588, alpha 0.633)",
+RELIED_ON = ("auto", "gradient_abs", "gradient", "attention", "route")
+WHY = {  # the deletion test, k = 3 (RESULTS.md "Deletion test on real data"; planted log:
+    # benchmarks/results/routes-current/pathways.md), 3 seeds each
+    "gradient_abs": "|gradient x input| of the top recommendation's score: in the deletion "
+                    "test, removing the 3 behaviors it ranks highest cut HR@10 most of the "
+                    "explanations for the paper's router, on the planted-pathway log (0.640 -> "
+                    "0.315; signed gradient x input 0.499, last-query attention 0.585, alpha "
+                    "0.638) and on ml-1m trained to convergence (0.243 -> 0.183; signed 0.240, "
+                    "attention 0.187; after only 5 epochs on ml-1m the signed one cut more, "
+                    "0.096 -> 0.064 against 0.075). Removing the 3 newest behaviors cut it "
+                    "more still (0.155; 0.138)",
+    "gradient": "gradient x input of the top recommendation's score, signed: a behavior that "
+                "pushes the target down ranks last (chosen by the caller)",
     "attention": "the last query's attention at the last layer: for a router distilled from "
-                 "attention it cut HR@10 most in the deletion test (0.587 -> 0.245; gradient "
-                 "0.396)",
+                 "attention it cut HR@10 most of the explanations in the deletion test on the "
+                 "planted-pathway log (0.589 -> 0.257; |gradient x input| 0.319, alpha 0.274); "
+                 "removing the 3 newest behaviors cut it more (0.187)",
     "route": "the keep probability alpha of the last layer (chosen by the caller)",
 }
 ON_COLOUR = "tab:red"
@@ -137,14 +148,16 @@ def relied_on(recommender: Recommender, seqs: torch.Tensor, out: Any, top: list[
     model = recommender.model
     if by == "auto":
         distilled = any(r.options.router_target == "attention" for r in routers)
-        by = "attention" if distilled and out.attentions else "gradient"
+        by = "attention" if distilled and out.attentions else "gradient_abs"
     cloze = model.objective == "cloze" and hasattr(model, "mask_id")
     stop = seqs.shape[1] - (1 if cloze else 0)  # the history's columns end here
-    if by == "gradient":
+    if by in ("gradient", "gradient_abs"):
         if not top or not hasattr(model, "item_embedding"):
             return None
         target = torch.as_tensor(recommender.encode(top).ids[:1], device=seqs.device)  # [1]
         score = gradient_x_input(model, seqs, target)[0]  # [N]
+        if by == "gradient_abs":
+            score = score.abs()
     elif by == "attention":
         if not out.attentions:
             return None

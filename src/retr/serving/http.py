@@ -161,7 +161,7 @@ def create_app(recommender: Recommender, max_batch: int = DEFAULT_MAX_BATCH,
         k: k_t = 10
         exclude_seen: StrictBool = True
         unknown: Literal["skip", "error"] | None = None
-        by: Literal["auto", "gradient", "attention", "route"] = "auto"
+        by: Literal["auto", "gradient_abs", "gradient", "attention", "route"] = "auto"
 
     class RecommendationOut(BaseModel):
         items: list[str]
