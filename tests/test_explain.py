@@ -159,6 +159,27 @@ def test_deletion_test_reports_every_method(tmp_path):
             assert 0.0 <= method[part]["mean_log2_rank"] <= np.log2(dataset.n_items)
 
 
+def test_deletion_controls_rank_by_magnitude_and_by_recency(retr_rec):
+    """gradient_abs is |gradient x input|; recency ranks the newest behavior first, so its
+    top-k deletion removes exactly the last k behaviors of a left-padded window."""
+    from retr.explain.deletion import explanation_scores, gradient_x_input
+
+    model = retr_rec.model.eval()
+    seqs = torch.tensor([[0, 0, 3, 1, 4, 7, 5, 9], [2, 6, 8, 1, 3, 5, 7, 4]])
+    targets = torch.tensor([11, 12])
+    scores = explanation_scores(model, seqs, targets, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(scores["gradient_abs"],
+                               gradient_x_input(model, seqs, targets).abs())
+    real = seqs != 0
+    newest = torch.topk(scores["recency"].masked_fill(~real, float("-inf")), 2, dim=1).indices
+    oldest = torch.topk((-scores["recency"]).masked_fill(~real, float("-inf")), 2, dim=1).indices
+    assert newest.sort(dim=1).values.tolist() == [[6, 7], [6, 7]]
+    assert oldest.sort(dim=1).values.tolist() == [[2, 3], [0, 1]]  # padding is never picked
+    drop = torch.zeros_like(real).scatter_(1, newest, True)
+    assert delete_tokens(seqs, drop).tolist() == [[0, 0, 0, 0, 3, 1, 4, 7],
+                                                  [0, 0, 2, 6, 8, 1, 3, 5]]
+
+
 def test_relied_on_names_its_method_and_ranks_the_history(retr_rec):
     """By default the magnitude of the top recommendation's gradient x input (the method that
     measured best for the paper's router), the same numbers as the deletion test's; the other
