@@ -235,6 +235,19 @@ def goal_section(tables: dict[str, dict[str, list[dict[str, Any]]]],
     return lines
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None without matplotlib (the plots
+    are optional: their tables say the same)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def goal_plot(groups: dict[str, list[dict[str, Any]]], goal: dict[str, Any],
               anchors: list[dict[str, Any]], out: Path) -> bool:
     """Test full NDCG@10 of every RETR and SASRec cross-entropy row trained to early stopping
@@ -250,14 +263,8 @@ def goal_plot(groups: dict[str, list[dict[str, Any]]], goal: dict[str, Any],
         if values:
             rows.append((statistics.fmean(values), min(values), max(values), len(values),
                          label, r0["model"]))
-    if not rows:
-        return False
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the plot is optional: the table says the same
+    plt = _pyplot()
+    if not rows or plt is None:
         return False
     rows.sort()
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.6))
@@ -688,12 +695,8 @@ def step_memory_lines(results_dir: Path) -> list[str]:
 
 def speed_curves(data: dict[str, Any], out: Path) -> bool:
     """Validation sampled NDCG@10 against cumulative training seconds, one line per run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the plot is optional: the table says the same
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(10, 4.2))
     for r in data["rows"]:

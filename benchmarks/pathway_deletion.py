@@ -31,9 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retr import deletion_test, load_run
-
-METHODS = ("route", "attention", "gradient", "gradient_abs", "recency", "random")
+from retr import DELETION_METHODS, deletion_test, load_run
 
 
 def test_ndcg(run_dir: Path) -> float | None:
@@ -70,13 +68,13 @@ def _ms(values: list[float]) -> str:
 def table(records: list[dict[str, Any]], metric: str) -> list[str]:
     k = records[0]["deletion"]["k"]
     out = ["| run | seeds | examples | intact | " + " | ".join(
-        f"{m}: top-{k} / bottom-{k} deleted" for m in METHODS) + " |",
-           "|---" * (4 + len(METHODS)) + "|"]
+        f"{m}: top-{k} / bottom-{k} deleted" for m in DELETION_METHODS) + " |",
+           "|---" * (4 + len(DELETION_METHODS)) + "|"]
     for label in sorted({r["label"] for r in records}):
         rs = sorted((r for r in records if r["label"] == label), key=lambda r: r["seed"])
         ds = [r["deletion"] for r in rs]
         cells = []
-        for m in METHODS:
+        for m in DELETION_METHODS:
             if all(m in d["methods"] for d in ds):
                 top = [d["methods"][m]["top"][metric] for d in ds]
                 bottom = [d["methods"][m]["bottom"][metric] for d in ds]

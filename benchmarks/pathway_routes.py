@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from retr import deletion_test, load_run, route_statistics
+from retr import DELETION_METHODS, deletion_test, load_run, route_statistics
 
 RHO = 0.25
 DELETE_K = 3  # the planted pathway has 3 behaviors
@@ -61,7 +61,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                           'model.router_target="attention"', 'model.distill_source="last"',
                           "model.hierarchical=false", 'model.gate="keys"']),
 }
-DELETION_METHODS = ("route", "attention", "gradient", "gradient_abs", "recency", "random")
 BUDGETED = ("budget25", "distilled25", "distilled25-bq", "keys25", "keys-distilled25")
 
 

@@ -36,6 +36,7 @@ from retr.estimator import (  # noqa: E402
 from retr.evaluation.protocol import evaluate  # noqa: E402
 from retr.evaluation.ranking import top_k, user_states  # noqa: E402
 from retr.evaluation.routes import route_statistics  # noqa: E402
+from retr.explain.deletion import METHODS as DELETION_METHODS  # noqa: E402
 from retr.explain.deletion import deletion_test  # noqa: E402
 from retr.models import build_model, build_run_model  # noqa: E402
 from retr.runs import load_config, load_run, train  # noqa: E402
@@ -46,7 +47,7 @@ from retr.training.losses import compute_loss  # noqa: E402
 from retr.training.trainer import EpochStats, train_epoch  # noqa: E402
 
 __all__ = [
-    "BERT4RecModel", "ConfigError", "DataError", "EpochStats", "GRU4RecModel", "PopModel",
+    "BERT4RecModel", "ConfigError", "DELETION_METHODS", "DataError", "EpochStats", "GRU4RecModel", "PopModel",
     "RETRModel", "Recommender", "RetrError", "RunConfig", "RunDirError", "SASRecModel",
     "SequenceDataset", "SequentialModel", "Vocabulary", "__version__", "build_model",
     "build_run_model", "compute_loss", "create_app", "dataset_from_frame", "deletion_test",
